@@ -1,0 +1,58 @@
+"""Errors and exit statuses shared by every command.
+
+A `Problem` is one thing wrong with the configuration, located (file:line or environment) and
+named (variable, value). `ConfigError` carries all of them at once, so one run reports everything.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@enum.unique
+class ExitStatus(enum.IntEnum):
+    """Process exit statuses of `istio-vm` (also documented in docs/operations.md)."""
+
+    OK = 0
+    FAILURE = 1  # a command failed (the tool's own message says why)
+    USAGE = 2  # bad command line (argparse's own status)
+    CONFIG = 78  # EX_CONFIG: bad configuration; systemd must not restart (RestartPreventExitStatus=78)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration error, rendered as a single line.
+
+    >>> str(Problem("/etc/c.env:3", "ENVOY_PORT", "0", "not a port (1-65535)"))
+    "/etc/c.env:3: ENVOY_PORT='0': not a port (1-65535)"
+    """
+
+    where: str  # "FILE:LINE", "environment", "default", "derived" or "--flag"
+    variable: str | None
+    value: str | None
+    message: str
+
+    def __str__(self) -> str:
+        subject = ""
+        if self.variable is not None:
+            subject = self.variable if self.value is None else f"{self.variable}={self.value!r}"
+            subject += ": "
+        return f"{self.where}: {subject}{self.message}"
+
+
+class IstioVmError(Exception):
+    """Base of every error the CLI turns into an exit status and a message."""
+
+    status: ExitStatus = ExitStatus.FAILURE
+
+
+class ConfigError(IstioVmError):
+    """The configuration is invalid; nothing has been changed on the host."""
+
+    status = ExitStatus.CONFIG
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
