@@ -271,11 +271,20 @@ def build(
     agent = _agent(r, host, capture)
     supervision = _supervision(r, agent)
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(sorted(r.problems, key=lambda p: _location_order(p.where, files)))
     ordered = [r.values[s] for s in BY_NAME] + [r.values[DNS_SERVERS]]
     return Config(capture=capture, iptables=iptables, agent=agent, supervision=supervision,
                   values=tuple(ordered), environment=tuple(shell.items()), files=tuple(files),
                   warnings=tuple(r.warnings))
+
+
+def _location_order(where: str, files: Sequence[str]) -> tuple[int, int]:
+    """Sort key: problems in file order and line order; environment and derived ones last."""
+    path, _, line = where.rpartition(":")
+    for index, name in enumerate(files):
+        if where == name or path == name:
+            return index, int(line) if line.isdigit() and path == name else 0
+    return len(files), 0
 
 
 def _capture(r: _Resolver, host: Host, read_resolv: Callable[[], str], resolv_path: str) -> Capture:

@@ -1,0 +1,27 @@
+"""The pure core imports no effect modules: it can be tested with plain values."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "istio_vm"
+PURE = ["envfile", "values", "settings", "dump", "errors"]
+FORBIDDEN = {"subprocess", "socket", "signal", "psutil", "systemd", "ctypes", "urllib", "http"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_module_imports_no_effects(module: str) -> None:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & FORBIDDEN
+    calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
+    assert not {c for c in calls if c.startswith("os.")} - {"os.fspath"}

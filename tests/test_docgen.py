@@ -1,0 +1,34 @@
+"""Generated files stay in sync with istio_vm/settings.py (regenerate: python -m istio_vm.docgen)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from istio_vm import docgen
+from istio_vm.envfile import evaluate
+from istio_vm.settings import SETTINGS
+
+
+@pytest.mark.parametrize("path", list(docgen.GENERATED), ids=lambda p: p.name)
+def test_generated_file_is_up_to_date(path) -> None:  # type: ignore[no-untyped-def]
+    assert path.read_text(encoding="utf-8") == docgen.GENERATED[path](), (
+        f"{path} is stale: run `.venv/bin/python -m istio_vm.docgen`")
+
+
+def test_every_setting_is_documented() -> None:
+    text = docgen.configuration_md()
+    for setting in SETTINGS:
+        assert f"`{setting.variable}`" in text
+        assert setting.doc
+
+
+def test_example_sidecar_env_is_all_comments_and_loads_to_nothing() -> None:
+    text = docgen.example_sidecar_env()
+    assignments, problems = evaluate(text, "sidecar.env", {})
+    assert (assignments, problems) == ([], [])
+    uncommented = [s[1:] for s in text.splitlines() if re.match(r"#[A-Z_][A-Z0-9_]*=", s)]
+    assignments, problems = evaluate("\n".join(uncommented) + "\n", "sidecar.env", {})
+    assert problems == []
+    assert {a.name for a in assignments} >= {s.variable for s in SETTINGS if s.name != "ISTIO_SIDECAR_CONFIG"}
