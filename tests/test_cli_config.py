@@ -107,7 +107,7 @@ def test_bad_value_exits_78_with_one_line(tmp_path: Path, capsys: pytest.Capture
     cluster = _write(tmp_path / "cluster.env", f"# a comment\n{line}\n")
     status, out, err = run(["--sidecar-env", "/nonexistent", "--cluster-env", cluster, "config"], capsys)
     assert status == 78
-    assert ExitStatus.CONFIG == 78
+    assert int(ExitStatus.CONFIG) == 78
     assert out == ""
     [message] = [m for m in err.splitlines() if "config error" in m]
     assert message.startswith(f"istio-vm: config error: {cluster}:2: {variable}={value!r}: ")
