@@ -143,8 +143,12 @@ class Sources:
     resolv_conf: str = DEFAULT_RESOLV_CONF
 
 
-def load(sources: Sources, environ: Mapping[str, str], host: Host) -> Config:
-    """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config."""
+def load(sources: Sources, environ: Mapping[str, str], host: Host,
+         overrides: Mapping[str, tuple[str, str]] | None = None) -> Config:
+    """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config.
+
+    `overrides` ({VARIABLE: (value, origin)}, e.g. istio-iptables flags) win over files and environment.
+    """
     shell = dict(environ)
     origins = dict.fromkeys(environ, "environment")
     problems: list[Problem] = []
@@ -168,6 +172,8 @@ def load(sources: Sources, environ: Mapping[str, str], host: Host) -> Config:
         assignments, file_problems = evaluate(text, path, shell)
         problems.extend(file_problems)
         origins.update((a.name, a.where) for a in assignments)
+    for variable, (value, origin) in (overrides or {}).items():
+        shell[variable], origins[variable] = value, origin
     return build(shell, origins, host, files=files, problems=problems,
                  read_resolv=lambda: _read_text(sources.resolv_conf), resolv_path=sources.resolv_conf)
 

@@ -18,6 +18,9 @@ class ExitStatus(enum.IntEnum):
     OK = 0
     FAILURE = 1  # a command failed (the tool's own message says why)
     USAGE = 2  # bad command line (argparse's own status)
+    CRASH_LOOP = 3  # the proxy kept exiting (ISTIO_VM_MAX_RESTARTS within ISTIO_VM_RESTART_WINDOW)
+    LOCKED = 4  # another `istio-vm start` holds the lock
+    NOPERM = 77  # EX_NOPERM: cannot drop privileges (not root, or the kernel refused)
     CONFIG = 78  # EX_CONFIG: bad configuration; systemd must not restart (RestartPreventExitStatus=78)
 
 
