@@ -12,7 +12,7 @@ from istio_vm.settings import SETTINGS
 
 
 @pytest.mark.parametrize("path", list(docgen.GENERATED), ids=lambda p: p.name)
-def test_generated_file_is_up_to_date(path) -> None:  # type: ignore[no-untyped-def]
+def test_generated_file_is_up_to_date(path) -> None:
     assert path.read_text(encoding="utf-8") == docgen.GENERATED[path](), (
         f"{path} is stale: run `.venv/bin/python -m istio_vm.docgen`")
 
