@@ -50,6 +50,12 @@ class Rule:
         return ""
 
 
+def ordered_tables(rules: tuple[Rule, ...]) -> list[str]:
+    """The tables of these rules: nat, then mangle, then any other in order of first appearance."""
+    return sorted(dict.fromkeys(r.table for r in rules),
+                  key=lambda t: TABLE_ORDER.index(t) if t in TABLE_ORDER else len(TABLE_ORDER))
+
+
 def _new_chains(rules: tuple[Rule, ...]) -> list[Rule]:
     """The first rule of each non-built-in (table, chain) pair: what needs a `-N`, in order."""
     seen: set[tuple[str, str]] = set()
@@ -84,11 +90,9 @@ class Plan:
     def restore(self, family: int) -> str:
         """BuildV4Restore()/BuildV6Restore(): the iptables-restore input, tables in a fixed order."""
         rules = self.rules(family)
-        tables = sorted(dict.fromkeys(r.table for r in rules),
-                        key=lambda t: TABLE_ORDER.index(t) if t in TABLE_ORDER else len(TABLE_ORDER))
         new = _new_chains(rules)
         lines = []
-        for table in tables:
+        for table in ordered_tables(rules):
             lines.append(f"* {table}")
             lines += [f"-N {r.chain}" for r in new if r.table == table]
             lines += [" ".join(r.params) for r in rules if r.table == table]
