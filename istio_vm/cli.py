@@ -11,10 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from istio_vm import __version__, dump
+from istio_vm import __version__, dump, explain
 from istio_vm.config import DEFAULT_RESOLV_CONF, Config, Sources, load
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
 from istio_vm.host import read_host
+from istio_vm.plan import build_plan
 
 log = logging.getLogger("istio_vm")
 
@@ -41,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add where each value came from (FILE:LINE, environment, default, derived)")
     config.add_argument("--json", action="store_true",
                         help='print {"NAME": {"value": ..., "source": ...}} for every setting')
+
+    iptables = commands.add_parser("iptables", help="the iptables capture rules",
+                                   description="The iptables rules of Istio 1.9.4's istio-iptables for this "
+                                   "configuration.")
+    actions = iptables.add_subparsers(dest="iptables_command", metavar="ACTION", required=True)
+    plan = actions.add_parser("plan", help="print the rules without touching the host",
+                              description="Print the rules istio-iptables 1.9.4 would install, and the ip "
+                              "commands it would run; nothing on the host is changed.")
+    _add_resolv_conf(plan)
+    plan.add_argument("--format", choices=explain.FORMATS, default="restore",
+                      help="restore: the iptables-restore inputs (IPv4, then IPv6); commands: 1.9's "
+                           "command lines; json; dot: a Graphviz graph (default: %(default)s)")
+    explain_parser = actions.add_parser("explain", help="print the rules, each explained",
+                                        description="Print the rules with what each does to a packet and "
+                                        "which setting produced it.")
+    _add_resolv_conf(explain_parser)
     return parser
 
 
@@ -65,7 +82,26 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK
 
 
-COMMANDS = {"config": cmd_config}
+def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
+    config = load_config(args)
+    sys.stdout.write(explain.render(build_plan(config.capture), args.format))
+    return ExitStatus.OK
+
+
+def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
+    config = load_config(args)
+    sys.stdout.write(explain.explain(build_plan(config.capture), config))
+    return ExitStatus.OK
+
+
+IPTABLES_COMMANDS = {"plan": cmd_iptables_plan, "explain": cmd_iptables_explain}
+
+
+def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
+    return IPTABLES_COMMANDS[args.iptables_command](args)
+
+
+COMMANDS = {"config": cmd_config, "iptables": cmd_iptables}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,41 @@
+"""Paths of the test data and golden files, the golden comparison, and a fake reference VM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from istio_vm.host import Address, Host, User
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def check_golden(path: Path, actual: str, update: bool) -> None:
+    """Compare with a golden file, or (re)write it under --update-golden."""
+    if update:
+        path.write_text(actual, encoding="utf-8")
+        return
+    assert path.exists(), f"{path} is missing: derive it by hand from the spec (or run pytest --update-golden " \
+                          "and review it)"
+    assert actual == path.read_text(encoding="utf-8")
+
+
+def fake_host() -> Host:
+    """The reference VM as istio-vm sees it: istio-proxy has UID 997, eth0 has 10.10.10.20."""
+
+    def lookup(name: str) -> User | None:
+        return {"istio-proxy": User("istio-proxy", 997, 997, "/var/lib/istio"),
+                "root": User("root", 0, 0, "/root")}.get(name)
+
+    return Host(addresses=(Address("lo", "127.0.0.1", True, True), Address("eth0", "10.10.10.20", False, True)),
+                hostname="rawvm-1.example", euid=os.geteuid(), lookup_user=lookup)
+
+
+def iptables_args(directory: Path, env_file: Path, *extra: str) -> list[str]:
+    """argv of `istio-vm iptables EXTRA...` reading env_file as cluster.env and directory/resolv.conf."""
+    cluster_env = directory / "cluster.env"
+    shutil.copy(env_file, cluster_env)  # a copy we own: as root, istio-vm refuses env files of other users
+    return ["--sidecar-env", str(directory / "missing-sidecar.env"), "--cluster-env", str(cluster_env),
+            "iptables", *extra, "--resolv-conf", str(directory / "resolv.conf")]
