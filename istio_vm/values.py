@@ -68,10 +68,18 @@ def cidr_list(*, wildcard: bool) -> Check:
                 return "'*' must be the whole value, not one item of a list"
             if "/" not in item:
                 return f"{item!r} is not a CIDR: write {item}/32 (or /128) for one address"
+            address, _, prefix = item.partition("/")
             try:
-                ipaddress.ip_network(item, strict=False)
+                ip = ipaddress.ip_address(address)
             except ValueError:
                 return f"{item!r} is not an IPv4 or IPv6 CIDR"
+            if "%" in address:
+                return f"{item!r}: a zone (%...) is not allowed in a CIDR"
+            # Go's ParseCIDR, which istio-iptables uses, takes only ADDRESS/DECIMAL-LENGTH.
+            if not (prefix.isascii() and prefix.isdigit() and int(prefix) <= ip.max_prefixlen):
+                return f"{item!r}: the prefix length must be 0-{ip.max_prefixlen}"
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                return f"{item!r}: write IPv4-mapped addresses as IPv4 CIDRs"
         return None
 
     return check
