@@ -20,7 +20,6 @@ import threading
 import time
 
 RECORD = os.environ.get("DOUBLE_RECORD", "/dev/null")
-events: list[int] = []
 lock = threading.Lock()
 
 
@@ -52,34 +51,33 @@ def main() -> int:
         print("error\tcrashing at start as asked", file=sys.stderr, flush=True)
         record("exit", code=int(os.environ.get("DOUBLE_CRASH_CODE", "1")))
         return int(os.environ.get("DOUBLE_CRASH_CODE", "1"))
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, lambda s, f: events.append(s))
-    envoy = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.pause()"])
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    # Blocked before any thread starts, then taken one by one with sigwait: no signal is missed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    envoy = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"],
+                             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, handled))
     record("envoy", envoy_pid=envoy.pid)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 15021), Ready)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("info\tEnvoy proxy is ready", flush=True)
     while True:
-        signal.pause() if not events else None
-        while events:
-            signum = events.pop(0)
-            name = signal.Signals(signum).name
-            record("signal", signal=name)
-            print(f"info\treceived {name}", flush=True)
-            if signum in (signal.SIGTERM, signal.SIGINT) and os.environ.get("DOUBLE_IGNORE_TERM") != "1":
-                time.sleep(float(os.environ.get("DOUBLE_DRAIN", "0")))  # the double's own "drain"
-                envoy.terminate()
-                envoy.wait()
-                server.shutdown()
-                record("exit", code=0)
-                print("info\tAgent has successfully terminated", flush=True)
-                return 0
-            if signum == signal.SIGUSR2:
-                code = int(os.environ.get("DOUBLE_CRASH_CODE", "1"))
-                record("exit", code=code)
-                print(f"error\tcrashing with status {code}", file=sys.stderr, flush=True)
-                os._exit(code)  # like a crash: the envoy grandchild is left behind
-
+        received = signal.sigwait(handled)
+        name = signal.Signals(received).name
+        record("signal", signal=name)
+        print(f"info\treceived {name}", flush=True)
+        if received in (signal.SIGTERM, signal.SIGINT) and os.environ.get("DOUBLE_IGNORE_TERM") != "1":
+            time.sleep(float(os.environ.get("DOUBLE_DRAIN", "0")))  # the double's own "drain"
+            envoy.terminate()
+            envoy.wait()
+            server.shutdown()
+            record("exit", code=0)
+            print("info\tAgent has successfully terminated", flush=True)
+            return 0
+        if received == signal.SIGUSR2:
+            code = int(os.environ.get("DOUBLE_CRASH_CODE", "1"))
+            record("exit", code=code)
+            print(f"error\tcrashing with status {code}", file=sys.stderr, flush=True)
+            os._exit(code)  # like a crash: the envoy grandchild is left behind
 
 if __name__ == "__main__":
     sys.exit(main())
