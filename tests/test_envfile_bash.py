@@ -10,12 +10,14 @@ case directory; `config.load` reads the same files through the same variables.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from istio_vm.config import Sources, load
+from istio_vm.envfile import evaluate
 from istio_vm.host import Host, User
 
 CORPUS = Path(__file__).parent / "data" / "envfiles"
@@ -78,3 +80,37 @@ def test_loader_agrees_with_bash(case: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert actual == expected
     assert list(config.files) == [p for p in (actual["ISTIO_SIDECAR_CONFIG"], actual["ISTIO_CLUSTER_CONFIG"])
                                   if (case / p).exists()]
+
+
+# Random files from tricky pieces (seeded, so the same every run): whatever the loader accepts, bash
+# must read the same way. Only accepted files reach bash, so it never runs a command of its own.
+PIECES = ["a", " ", "\t", "#", " #", "=", "*", "~", ":", "$", "${E}", "${EMPTY:-d e}", "${X:-~}", "${A}",
+          "\\\\", '\\"', "\\q", "\n", "'", '"', "é", "\u00a0", "{", "}", ",", "/", "!", "?", "[x]", "$%", "$ ",
+          ":~", "~/", "\\", "\\$", "$'", "\\n", "-", "@", "^", "&", ";", "|", "(", ")", "${B:-}", "$(id)", "`"]
+NAMES = ["A", "B", "_a", "E", "EMPTY", "HOME", "X", "if"]
+
+
+def random_line(r: random.Random) -> str:
+    kind = r.random()
+    if kind < 0.1:
+        return r.choice(["", " ", "# " + r.choice(PIECES), "export " + r.choice(NAMES) + r.choice(["", " # c"])])
+    inner = "".join(r.choice(PIECES) for _ in range(r.randint(0, 5)))
+    quote = r.choice(["'", '"', ""])
+    value = quote + inner.replace(quote, "") + quote if quote else inner.replace("\n", "")
+    tail = r.choice(["", "", " ", " # c", "\t#c", "#c", " x", "x", ";"])
+    return r.choice(["", "", "export ", " "]) + r.choice(NAMES) + "=" + value + tail
+
+
+def test_random_files_agree_with_bash(tmp_path: Path) -> None:
+    r = random.Random(1337)
+    environ = {"HOME": "/home/vm", "E": "e", "EMPTY": "", "PATH": "/usr/bin:/bin"}
+    compared = 0
+    for _ in range(800):
+        text = "\n".join(random_line(r) for _ in range(r.randint(1, 3))) + r.choice(["\n", ""])
+        env = dict(environ)
+        if evaluate(text, "s.env", env)[1]:
+            continue
+        (tmp_path / "sidecar.env").write_text(text, encoding="utf-8")
+        assert bash_environment(tmp_path, environ | PATHS) == env | PATHS, text
+        compared += 1
+    assert compared > 100  # the generator still produces enough accepted files
