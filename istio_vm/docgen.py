@@ -41,8 +41,10 @@ istio-vm reads its configuration the way istio-start.sh 1.9 did with `set -a; . 
 - Syntax: `NAME=value`, `export NAME=value`, single and double quotes (also across lines), comments,
   `${NAME}` and `${NAME:-default}` with bash's meaning. Refused with file and line, because bash
   would run code or read them differently: `$(...)` and backticks, arrays, `source`, `if` and other
-  commands, unquoted spaces or shell operators, `$NAME` without braces, other `${...}` forms,
-  backslash escapes that bash and dotenv read differently, CRLF line endings, a byte-order mark.
+  commands, unquoted spaces or shell operators, unquoted `~`, `$NAME` without braces, other `${...}`
+  forms, variables bash sets itself (`${UID}`, and `${PATH}`, `${SHELL}`, `${TERM}` when the
+  environment lacks them), backslash escapes that bash and dotenv read differently, whitespace other
+  than space and tab outside quotes, control characters, CRLF line endings, a byte-order mark.
 - Every problem is reported at once, one line each (`FILE:LINE: NAME='value': reason`), and the
   command exits with status 78 without changing anything.
 - `istio-vm config --show-source` prints each value with its origin: `FILE:LINE`, `environment`,

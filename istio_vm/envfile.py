@@ -1,8 +1,9 @@
 """Env files as data: what `set -a; . FILE` in istio-start.sh would assign, without running anything.
 
-python-dotenv lexes the file (names, quotes, escapes, `${NAME}` atoms); this module adds bash's
-meaning on top and rejects, with file and line, every construct where bash and dotenv would
-disagree or where bash would run code (`$(...)`, backticks, arrays, `source`, `if`, stray words).
+python-dotenv lexes the file (names, quotes, escapes, `${NAME}` atoms); this module reads each line
+the way bash would too (only space and tab separate words), requires both readings to agree, and
+rejects, with file and line, every construct where they would not or where bash would run code
+(`$(...)`, backticks, arrays, `source`, `if`, stray words).
 """
 
 from __future__ import annotations
@@ -12,34 +13,44 @@ import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-from dotenv.parser import parse_stream
-from dotenv.variables import Literal, parse_variables
+from dotenv.parser import Binding, parse_stream
+from dotenv.variables import Literal, Variable, parse_variables
 
 from istio_vm.errors import Problem
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# The shape dotenv accepts for one binding; we read the raw value text from it to tell quoting apart.
+# One binding as bash reads it: words end at a space or tab (not at other Unicode whitespace).
 _BINDING = re.compile(
-    r"(?P<export>export[ \t]+)?(?P<key>[^=#\s]+)(?P<gap>[ \t]*)(?:=(?P<after>[ \t]*)(?P<rest>.*))?\Z",
+    r"(?P<export>export[ \t]+)?(?P<key>[^ \t\n=]+)(?P<gap>[ \t]*)"
+    r"(?:=(?P<after>[ \t]*)(?P<rest>.*)|(?<=[ \t])#.*)?\Z",
     re.DOTALL,
 )
-_SINGLE = re.compile(r"'((?:\\.|[^'\\])*)'", re.DOTALL)  # dotenv's single-quoted value
-_DOUBLE = re.compile(r'"((?:\\.|[^"\\])*)"', re.DOTALL)  # dotenv's double-quoted value
+_SINGLE = re.compile(r"'([^']*)'")  # bash: no escapes inside single quotes
+_DOUBLE = re.compile(r'"((?:\\.|[^"\\])*)"', re.DOTALL)
+_WORD = re.compile(r"[^ \t\n]*")
+_END = re.compile(r"(?:[ \t]+#.*|[ \t]*)\Z", re.DOTALL)  # what may follow a value: blanks, a comment
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
+_OTHER_SPACE = re.compile(r"[^\S \t\n]")  # whitespace to Python and dotenv, a plain character to bash
+_TILDE = re.compile(r"(?:\A|:|\$\{[A-Za-z_][A-Za-z0-9_]*:-)~")  # where bash expands `~` in an assignment
 _SUPPORTED_EXPANSION = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}$`\\\"']*)?\}")
 _EXPANSION_NAME = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 # Variables bash sets by itself: `${UID}` in bash is not what the environment says, so refuse them.
 BASH_MANAGED = frozenset("""
-    BASH BASHOPTS BASHPID BASH_ALIASES BASH_ARGC BASH_ARGV BASH_ARGV0 BASH_CMDS BASH_COMMAND BASH_LINENO
-    BASH_SOURCE BASH_SUBSHELL BASH_VERSINFO BASH_VERSION COLUMNS DIRSTACK EPOCHREALTIME EPOCHSECONDS EUID
-    FUNCNAME GROUPS HISTCMD HOSTNAME HOSTTYPE IFS LINENO LINES MACHTYPE OLDPWD OPTARG OPTERR OPTIND OSTYPE
-    PIPESTATUS PPID PS4 PWD RANDOM REPLY SECONDS SHELLOPTS SHLVL SRANDOM UID
+    BASH BASHOPTS BASHPID BASH_ALIASES BASH_ARGC BASH_ARGV BASH_ARGV0 BASH_CMDS BASH_COMMAND BASH_COMPAT
+    BASH_EXECUTION_STRING BASH_LINENO BASH_LOADABLES_PATH BASH_REMATCH BASH_SOURCE BASH_SUBSHELL
+    BASH_VERSINFO BASH_VERSION BASH_XTRACEFD COLUMNS DIRSTACK EPOCHREALTIME EPOCHSECONDS EUID FUNCNAME GROUPS
+    HISTCMD HOSTNAME HOSTTYPE IFS LINENO LINES MACHTYPE OLDPWD OPTARG OPTERR OPTIND OSTYPE PIPESTATUS PPID
+    PS4 PWD RANDOM REPLY SECONDS SHELLOPTS SHLVL SRANDOM UID _
 """.split())
+# Variables bash gives a value of its own when the environment has none (`env -i bash -c set`).
+BASH_DEFAULTS = frozenset({"PATH", "SHELL", "TERM"})
 _CONTROL_WORDS = frozenset("if then else elif fi for while until do done case esac function select".split())
 _COMMAND_HINTS = {
     "source": "sourcing another file is not supported (it would run code): merge its assignments here",
     ".": "sourcing another file is not supported (it would run code): merge its assignments here",
     "unset": "'unset' is not supported: remove the assignment instead",
+    "export": "only 'export NAME' and 'export NAME=VALUE', one per line, are supported",
     **dict.fromkeys(_CONTROL_WORDS, "shell control flow is not supported: only NAME=VALUE lines are read"),
 }
 
@@ -61,9 +72,10 @@ class Assignment:
 @dataclass(frozen=True, slots=True)
 class _Statement:
     name: str
-    text: str  # the value after dotenv's unquoting, before `${...}` expansion
+    text: str  # the value after unquoting, before `${...}` expansion
     expand: bool  # False for single-quoted values, which bash never expands
     line: int
+    assign: bool = True  # False for `export NAME`, which assigns nothing
 
 
 def evaluate(text: str, path: str, env: MutableMapping[str, str]) -> tuple[list[Assignment], list[Problem]]:
@@ -71,17 +83,33 @@ def evaluate(text: str, path: str, env: MutableMapping[str, str]) -> tuple[list[
 
     `env` is the shell's variable table: it is read for `${NAME}` expansion and updated with every
     assignment, so a later file sees the earlier one's values (cluster.env after sidecar.env).
+    A refused line assigns nothing.
 
     >>> env = {"HOME": "/root"}
     >>> [(a.name, a.value, a.line) for a in evaluate("A=${HOME}/x\\nB='${A}'\\n", "s.env", env)[0]]
     [('A', '/root/x', 1), ('B', '${A}', 2)]
+    >>> [str(p) for p in evaluate("A=1\\nB=$(id)\\nC=${PATH}\\n", "s.env", env)[1]]
+    ["s.env:2: B='$(id)': command substitution $(...) is never executed: write the value itself", \
+"s.env:3: C='${PATH}': ${PATH} is not set, so bash would expand its own default: set PATH in the \
+environment or write the value itself"]
     """
     statements, problems = parse(text, path)
     assignments = []
     for st in statements:
+        if not st.assign:
+            if st.name in BASH_DEFAULTS and st.name not in env:
+                problems.append(Problem(f"{path}:{st.line}", st.name, None, "not set, so bash would export its "
+                                        f"own default: set {st.name} in the environment or remove this line"))
+            continue  # `export NAME`: under `set -a` every assignment is exported already
+        if st.expand and (missing := _bash_default_needed(st.text, env)) is not None:
+            problems.append(Problem(f"{path}:{st.line}", st.name, st.text, f"${{{missing}}} is not set, so "
+                                    f"bash would expand its own default: set {missing} in the environment "
+                                    "or write the value itself"))
+            continue
         value = _expand(st, env) if st.expand else st.text
         env[st.name] = value
         assignments.append(Assignment(st.name, value, path, st.line))
+    problems.sort(key=lambda p: int(p.where.rsplit(":", 1)[1]))
     return assignments, problems
 
 
@@ -94,21 +122,14 @@ def parse(text: str, path: str) -> tuple[list[_Statement], list[Problem]]:
     problems: list[Problem] = []
     for binding in parse_stream(io.StringIO(text)):
         raw = binding.original.string
-        stripped = raw.lstrip()
+        stripped = raw.lstrip(" \t\n")
         line = binding.original.line + raw[: len(raw) - len(stripped)].count("\n")
-        where = f"{path}:{line}"
         if not stripped or stripped.startswith("#"):
             continue  # blank or comment
-        if binding.error or binding.key is None:
-            problems.append(_not_an_assignment(stripped, where))
-            continue
         try:
-            statement = _statement(stripped, binding.value, line)
+            statements.append(_statement(stripped.rstrip("\n"), binding, line))
         except _Refused as refused:
-            problems.append(Problem(where, refused.name, refused.value, refused.message))
-            continue
-        if statement is not None:
-            statements.append(statement)
+            problems.append(Problem(f"{path}:{line}", refused.name, refused.value, refused.message))
     return statements, problems
 
 
@@ -128,93 +149,132 @@ def _check_file(text: str, path: str) -> Problem | None:
                            "would keep it in the value; convert the file with dos2unix")
         if "\0" in line:
             return Problem(f"{path}:{number}", None, None, "NUL byte: not a text file")
+        if control := _CONTROL.search(line):
+            return Problem(f"{path}:{number}", None, None, f"control character U+{ord(control.group()):04X}: "
+                           "bash's own quoting uses such bytes and can change the value; remove it")
     return None
 
 
-def _not_an_assignment(stripped: str, where: str) -> Problem:
-    first_line = stripped.split("\n", 1)[0].rstrip()
-    word = first_line.split(maxsplit=1)[0] if first_line.split() else first_line
-    if re.match(r"[A-Za-z_][A-Za-z0-9_]*=\(", first_line):
-        return Problem(where, first_line.split("=", 1)[0], None, "arrays are not supported: use one string")
-    if re.match(r"""[A-Za-z_][A-Za-z0-9_]*=["']""", first_line):
-        return Problem(where, first_line.split("=", 1)[0], None, "unterminated quote")
-    hint = _COMMAND_HINTS.get(word, "not an assignment: bash would run it as a command; "
-                                    "only NAME=VALUE lines are supported")
-    return Problem(where, None, None, f"{first_line!r}: {hint}")
-
-
-def _statement(stripped: str, dotenv_value: str | None, line: int) -> _Statement | None:
-    m = _BINDING.match(stripped.rstrip("\n"))
-    if m is None:  # pragma: no cover - dotenv accepted it, so the shape matches
-        raise _Refused(None, None, "cannot read this line")
-    key = m["key"]
+def _statement(text: str, binding: Binding, line: int) -> _Statement:
+    """Read one binding (`text`, without its final newline) as bash would; refuse what dotenv reads otherwise."""
+    first_line = text.split("\n", 1)[0]
+    if _OTHER_SPACE.match(text):
+        raise _Refused(None, None, f"{first_line!r}: {_whitespace_name(text[0])} at the start of the line: bash reads "
+                       "it as part of a command word, python-dotenv skips it; remove it")
+    m = _BINDING.match(text)
+    if m is None or m["rest"] is None:
+        if m is not None and m["export"] and NAME.match(m["key"]) and not binding.error:
+            if m["key"] in BASH_MANAGED:
+                raise _Refused(m["key"], None, "bash manages this variable itself: exporting it would export "
+                               "bash's own value; remove this line")
+            return _Statement(m["key"], "", False, line, assign=False)
+        raise _Refused(None, None, _not_an_assignment(first_line))
+    key: str = m["key"]
     if not NAME.match(key):
-        raise _Refused(None, None, f"{stripped.splitlines()[0]!r}: not an assignment: {key!r} is not a "
-                       "variable name, so bash would run it as a command")
-    if m["rest"] is None:
-        if m["export"]:
-            return None  # `export NAME`: under `set -a` every assignment is exported already
-        raise _Refused(None, None, f"{key!r}: not an assignment: bash would run it as a command")
+        raise _Refused(None, None, f"{first_line!r}: not an assignment: {key!r} is not a variable name, so "
+                       "bash would run it as a command")
     if m["gap"]:
         raise _Refused(key, None, "space before '=': bash would run the name as a command")
     if key in BASH_MANAGED:
-        raise _Refused(key, dotenv_value, "bash manages this variable itself; choose another name")
-    value = dotenv_value or ""
+        raise _Refused(key, binding.value, "bash manages this variable itself; choose another name")
     rest: str = m["rest"]
-    if m["after"] and rest.strip() and not rest.lstrip().startswith("#"):
-        raise _Refused(key, rest.strip(), "space after '=': bash would assign an empty value and run the "
-                       "rest as a command; remove the space or quote the value")
-    if m["after"] or not rest.strip():
-        return _Statement(key, "", False, line)
-    if rest[0] == "'":
-        body = _quoted_body(_SINGLE, rest, key, value)
-        if "\\" in body:
-            raise _Refused(key, value, "backslash inside single quotes: bash keeps it, dotenv does not; "
-                           "write the value without it")
-        return _Statement(key, value, False, line)
-    if rest[0] == '"':
-        body = _quoted_body(_DOUBLE, rest, key, value)
-        _check_double_quoted(body, key, value)
-        _check_dollars(body, key, value)
-        return _Statement(key, value, True, line)
-    _check_dollars(value, key, value)
-    _check_unquoted(value, key)
-    return _Statement(key, value, True, line)
+    if m["after"]:
+        if rest and not rest.startswith("#"):
+            raise _Refused(key, rest.strip(" \t"), "space after '=': bash would assign an empty value and "
+                           "run the rest as a command; remove the space or quote the value")
+        value, expand = "", False
+    elif rest[:1] == "'":
+        value, expand = _single_quoted(rest, key), False
+    elif rest[:1] == '"':
+        value, expand = _double_quoted(rest, key), True
+    else:
+        value, expand = _unquoted(rest, key), True
+    if binding.error or binding.value != value:  # a safety net: every check above passed
+        raise _Refused(key, value, "python-dotenv reads this line differently from bash; quote the value")
+    return _Statement(key, value, expand, line)
 
 
-def _quoted_body(pattern: re.Pattern[str], rest: str, key: str, value: str) -> str:
-    m = pattern.match(rest)
+def _not_an_assignment(first_line: str) -> str:
+    words = first_line.split(None, 1)
+    word = words[0] if words else first_line
+    hint = _COMMAND_HINTS.get(word, "not an assignment: bash would run it as a command; "
+                                    "only NAME=VALUE lines are supported")
+    return f"{first_line.rstrip()!r}: {hint}"
+
+
+def _whitespace_name(char: str) -> str:
+    return f"whitespace character U+{ord(char):04X}"
+
+
+def _single_quoted(rest: str, key: str) -> str:
+    m = _SINGLE.match(rest)
     if m is None:
         raise _Refused(key, None, "unterminated quote")
-    tail = rest[m.end():]
-    if tail[:1] not in ("", " ", "\t", "\n"):
-        raise _Refused(key, value, f"text {tail.split()[0]!r} right after the closing quote: bash would "
-                       "join it to the value; put the whole value inside one pair of quotes")
-    return m.group(1)
+    body = m.group(1)
+    if "\\" in body:
+        raise _Refused(key, body, "backslash inside single quotes: bash keeps it, python-dotenv reads "
+                       "\\\\ and \\' as escapes; write the value without it")
+    _check_end(rest[m.end():], key, body, quoted=True)
+    return body
 
 
-def _check_double_quoted(body: str, key: str, value: str) -> None:
-    for m in re.finditer(r"\\(.)", body, re.DOTALL):
-        char = m.group(1)
+def _double_quoted(rest: str, key: str) -> str:
+    m = _DOUBLE.match(rest)
+    if m is None:
+        raise _Refused(key, None, "unterminated quote")
+    body = m.group(1)
+    for escape in re.finditer(r"\\(.)", body, re.DOTALL):
+        char = escape.group(1)
         if char in "$`\n" or char in "abfnrtv'":
-            raise _Refused(key, value, f"escape {m.group(0)!r} inside double quotes: bash and dotenv read "
-                           "it differently; use single quotes for literal text")
-    _check_no_backticks(body.replace("\\\\", ""), key, value)
+            raise _Refused(key, body, f"escape {escape.group(0)!r} inside double quotes: bash and "
+                           "python-dotenv read it differently; use single quotes for literal text")
+    _check_no_backticks(body.replace("\\\\", ""), key, body)
+    _check_dollars(body, key, body)
+    _check_end(rest[m.end():], key, body, quoted=True)
+    return re.sub(r'\\([\\"])', r"\1", body)  # the only escapes left: `\\` and `\"`
 
 
-def _check_unquoted(value: str, key: str) -> None:
-    if value.startswith("("):
-        raise _Refused(key, value, "arrays are not supported: use one string")
-    _check_no_backticks(value, key, value)
-    if re.search(r"\s", value):
-        raise _Refused(key, value, "unquoted whitespace: bash would end the value at the space and run the "
-                       "rest as a command; quote the value")
-    bad = re.search(r"""[\\'";&|<>()]""", value)
-    if bad:
-        raise _Refused(key, value, f"unquoted {bad.group(0)!r}: bash gives it a special meaning; "
+def _unquoted(rest: str, key: str) -> str:
+    word = _WORD.match(rest).group()  # type: ignore[union-attr]  # matches always
+    if word.startswith("("):
+        raise _Refused(key, rest, "arrays are not supported: use one string")
+    if re.search(r"\$[('\"]", word):  # `$(...)`, `$'...'`: say so before any other complaint
+        _check_dollars(word, key, word)
+    _check_no_backticks(word, key, word)
+    if "\\" in word:
+        raise _Refused(key, rest.split("\n", 1)[0], "unquoted '\\': bash removes it, python-dotenv keeps it; "
                        "quote the value")
-    if value.startswith("~") or ":~" in value:
-        raise _Refused(key, value, "unquoted '~': bash would expand it to a home directory; quote the value")
+    _check_end(rest[len(word):], key, rest.split("\n", 1)[0], quoted=False)
+    _check_dollars(word, key, word)
+    if other := _OTHER_SPACE.search(word):
+        raise _Refused(key, word, f"unquoted {_whitespace_name(other.group())}: bash keeps it in the value, "
+                       "python-dotenv strips it or ends the value there; quote the value or remove it")
+    if bad := re.search(r"""[\\'";&|<>()]""", word):
+        raise _Refused(key, word, f"unquoted {bad.group()!r}: bash gives it a special meaning; "
+                       "quote the value")
+    if _TILDE.search(word):
+        raise _Refused(key, word, "unquoted '~': bash would expand it to a home directory; quote the value")
+    return word
+
+
+def _check_end(tail: str, key: str, value: str, *, quoted: bool) -> None:
+    """After the value only blanks and a comment may follow, as in `A='x'  # comment`."""
+    if _END.match(tail):
+        return
+    following = tail.lstrip(" \t").split("\n", 1)[0]
+    if following[:1] and following[0] in ";&|<>()":
+        raise _Refused(key, value, f"shell operator {following[0]!r} after the value: bash would read it as "
+                       "code; write one NAME=VALUE per line and nothing else")
+    if quoted and tail[0] not in " \t":
+        raise _Refused(key, value, f"text {(tail.split() or [tail])[0]!r} right after the closing quote: bash would "
+                       "join it to the value; put the whole value inside one pair of quotes")
+    if re.match(r"[A-Za-z_][A-Za-z0-9_]*=", following):
+        raise _Refused(key, value, "several assignments on one line: put each NAME=VALUE on its own line")
+    if quoted:
+        raise _Refused(key, value, f"text {following!r} after the value: bash would run it as a command "
+                       "(with the variable set for that command only); remove it or quote it with the value")
+    raise _Refused(key, value, "unquoted whitespace: bash would end the value at the space and run the "
+                   "rest as a command; quote the value")
 
 
 def _check_no_backticks(text: str, key: str, value: str) -> None:
@@ -248,8 +308,19 @@ def _check_dollars(text: str, key: str, value: str) -> None:
             assert name_match is not None
             raise _Refused(key, value, f"${name_match.group(0)} without braces is not supported: "
                            f"write ${{{name_match.group(0)}}}")
-        if following and (following.isdigit() or following in "@*#?$!-[\"'"):
-            raise _Refused(key, value, f"special parameter or quoting '${following}' is not supported")
+        if following and following in "\"'":
+            raise _Refused(key, value, f"{'$' + following}...{following} quoting is not supported: use plain "
+                           "single or double quotes")
+        if following and (following.isdigit() or following in "@*#?$!-["):
+            raise _Refused(key, value, f"special parameter or arithmetic '${following}' is not supported")
+
+
+def _bash_default_needed(text: str, env: MutableMapping[str, str]) -> str | None:
+    """The first `${NAME}` in `text` that bash would fill in itself (PATH, SHELL, TERM when unset)."""
+    for atom in parse_variables(text):
+        if isinstance(atom, Variable) and atom.name in BASH_DEFAULTS and atom.name not in env:
+            return str(atom.name)
+    return None
 
 
 def _expand(statement: _Statement, env: MutableMapping[str, str]) -> str:
@@ -266,4 +337,3 @@ def _resolve(atom: object, env: MutableMapping[str, str]) -> str:
     if default is not None and current == "":
         return default
     return current
-
