@@ -56,3 +56,21 @@ class ConfigError(IstioVmError):
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ApplyError(IstioVmError):
+    """Installing or cleaning the capture rules failed; the host was rolled back to its snapshot.
+
+    `stderr` is the failing tool's own message; `rolled_back` says whether the rollback succeeded
+    (when it did not, `rollback_errors` says what is left to fix by hand).
+    """
+
+    def __init__(self, message: str, *, stderr: str = "", rolled_back: bool = True,
+                 rollback_errors: tuple[str, ...] = ()) -> None:
+        self.stderr = stderr
+        self.rolled_back = rolled_back
+        self.rollback_errors = rollback_errors
+        text = message
+        if rollback_errors:
+            text += "\nrollback incomplete: " + "; ".join(rollback_errors)
+        super().__init__(text)
