@@ -59,7 +59,8 @@ def parse_rule(table: str, chain: str, spec: str) -> Rule:
     except ValueError:  # unbalanced quotes in a comment: fall back to words (shapes will not match)
         tokens = spec.split()
     options: set[tuple[bool, str, str]] = set()
-    target, target_args = "", tuple[str, ...]()
+    target = ""
+    target_args: tuple[str, ...] = ()
     negated, i = False, 0
     while i < len(tokens):
         token = _ALIASES.get(tokens[i], tokens[i])
