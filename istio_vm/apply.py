@@ -126,7 +126,7 @@ def _parse_ip(argvs: Sequence[Sequence[str]], what: str) -> list[IpCommand]:
     try:
         return [ip_batch.parse(argv) for argv in argvs]
     except ValueError as e:
-        raise ApplyError(f"{what}: {e}", rolled_back=False) from None
+        raise ApplyError(f"{what}: {e}") from None
 
 
 def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[IpCommand], *,
@@ -137,7 +137,7 @@ def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[
         try:
             sections(plan)
         except TextError as e:
-            raise ApplyError(f"IPv{family} plan: {e}", rolled_back=False) from None
+            raise ApplyError(f"IPv{family} plan: {e}") from None
     optional = {6} if not plans.get(6, "").strip() else set()
     snap = snapshots.take(runner, override=backend, recorded=previous.backend, optional=optional,
                           proc_net=proc_net)
@@ -157,7 +157,7 @@ def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[
                               timeout=RESTORE_TIMEOUT)
             if not done.ok:
                 raise ApplyError(f"{what}: IPv{family} rules rejected, nothing changed: {done.describe()}",
-                                 stderr=done.stderr, rolled_back=False)
+                                 stderr=done.stderr)
     try:
         if ip_commands:
             failures = [(c, m) for c, m in _run_ip(runner, ip_commands, progress) if c.verb == "add"]
@@ -174,7 +174,7 @@ def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[
     except _Failed as failure:
         errors = _rollback(runner, snap, progress)
         raise ApplyError(f"{what} failed, {'host left as found' if not errors else 'ROLLBACK INCOMPLETE'}: "
-                         f"{failure}", stderr=failure.stderr, rolled_back=not errors,
+                         f"{failure}", stderr=failure.stderr,
                          rollback_errors=tuple(errors)) from None
     return snap, inputs, progress
 

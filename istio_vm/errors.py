@@ -59,16 +59,15 @@ class ConfigError(IstioVmError):
 
 
 class ApplyError(IstioVmError):
-    """Installing or cleaning the capture rules failed; the host was rolled back to its snapshot.
+    """Installing or cleaning the capture rules failed; the host was put back as it was.
 
-    `stderr` is the failing tool's own message; `rolled_back` says whether the rollback succeeded
-    (when it did not, `rollback_errors` says what is left to fix by hand).
+    `stderr` is the failing tool's own message. `host_as_before` is True when nothing was changed or
+    the rollback undid everything; when False, `rollback_errors` says what is left to fix by hand.
     """
 
-    def __init__(self, message: str, *, stderr: str = "", rolled_back: bool = True,
-                 rollback_errors: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, *, stderr: str = "", rollback_errors: tuple[str, ...] = ()) -> None:
         self.stderr = stderr
-        self.rolled_back = rolled_back
+        self.host_as_before = not rollback_errors
         self.rollback_errors = rollback_errors
         text = message
         if rollback_errors:

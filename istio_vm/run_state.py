@@ -88,8 +88,7 @@ def locked(run_dir: str, timeout: float = 30.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ApplyError(f"{path}: another istio-vm holds the lock (waited {timeout:g}s)",
-                                     rolled_back=False) from None
+                    raise ApplyError(f"{path}: another istio-vm holds the lock (waited {timeout:g}s)") from None
                 time.sleep(0.05)
         yield
     finally:

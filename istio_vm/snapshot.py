@@ -43,8 +43,7 @@ def _read(runner: Runner, backend: str, families: Collection[int], optional: Col
             # e.g. a kernel without IPv6: fine as long as there is nothing to install for that family
             log.warning("IPv%d skipped, its rules cannot be read: %s", family, done.describe())
         else:
-            raise ApplyError(f"cannot read the IPv{family} rules: {done.describe()}", stderr=done.stderr,
-                             rolled_back=False)
+            raise ApplyError(f"cannot read the IPv{family} rules: {done.describe()}", stderr=done.stderr)
     return saves
 
 
@@ -54,7 +53,7 @@ def take(runner: Runner, *, override: str | None, recorded: str | None, optional
     families = backends.FAMILIES
     if override is not None:
         if override not in backends.BACKENDS:
-            raise ApplyError(f"unknown iptables backend {override!r}: nft or legacy", rolled_back=False)
+            raise ApplyError(f"unknown iptables backend {override!r}: nft or legacy")
         choice = backends.Choice(override, "set by ISTIO_IPTABLES_BACKEND")
         saves = _read(runner, override, families, optional)
     elif recorded is not None:

@@ -109,7 +109,7 @@ def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str,
     with pytest.raises(ApplyError) as raised:
         apply.install(REF, V6, V6_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
     error = raised.value
-    assert error.rolled_back
+    assert error.host_as_before
     assert "line 3 failed" in error.stderr
     assert "line 3 failed" in str(error)
     assert fake.argvs[:5] == [SAVE4, SAVE6, ("ip", "-force", "-batch", "-"), RESTORE4, RESTORE6]
