@@ -130,3 +130,18 @@ def find(save_text: str) -> Found:
 def has_rules(save_text: str) -> bool:
     """True when the dump holds any rule or user chain, in any table (empty built-in tables do not count)."""
     return any(table.has_content() for table in parse_save(save_text).values())
+
+
+def everything(save_text: str) -> Found:
+    """All rules and user chains of nat and mangle, as if Istio owned them (for a dump of a plan alone)."""
+    tables = []
+    for name in TABLES:
+        table = parse_save(save_text).get(name)
+        if table is None:
+            continue
+        chains = tuple(c for c, _ in table.chains if c not in BUILTIN_CHAINS)
+        found = FoundTable(name, chains, tuple(r for r in table.rules if r.chain in BUILTIN_CHAINS),
+                           tuple(r for r in table.rules if r.chain not in BUILTIN_CHAINS))
+        if not found.empty:
+            tables.append(found)
+    return Found(tuple(tables))
