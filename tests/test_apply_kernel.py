@@ -177,3 +177,13 @@ def test_detection_picks_legacy_only_when_only_legacy_has_rules(ns: Netns, run_d
 @pytest.mark.parametrize("scenario", ["reference", "tproxy", "leftovers-1.9"])
 def test_golden_dumps_match_this_machines_iptables(backend: str, scenario: str) -> None:
     assert generate(scenario, backend) == kernel.text(f"golden/{scenario}.{backend}.save")
+
+
+@pytest.mark.parametrize("backend", kernel.BACKENDS)
+def test_three_tproxy_installs_leave_one_ip_rule_and_route(ns: Netns, backend: str, run_dir: str) -> None:
+    reports = [install(ns, backend, run_dir, "tproxy") for _ in range(3)]
+    assert ns.ip("rule").stdout.count("fwmark 0x539 lookup 133") == 1  # ip rule add alone would pile up
+    assert ns.ip("route", "show", "table", "133").stdout.count("local default dev lo") == 1
+    assert kernel.save(ns, backend, 4) == kernel.text(f"golden/tproxy.{backend}.save")
+    # save v4, save v6, --test (nat + mangle), one ip -batch, one restore
+    assert [r.processes for r in reports] == [5, 5, 5]
