@@ -59,3 +59,20 @@ class ConfigError(IstioVmError):
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ApplyError(IstioVmError):
+    """Installing or cleaning the capture rules failed; the host was put back as it was.
+
+    `stderr` is the failing tool's own message. `host_as_before` is True when nothing was changed or
+    the rollback undid everything; when False, `rollback_errors` says what is left to fix by hand.
+    """
+
+    def __init__(self, message: str, *, stderr: str = "", rollback_errors: tuple[str, ...] = ()) -> None:
+        self.stderr = stderr
+        self.host_as_before = not rollback_errors
+        self.rollback_errors = rollback_errors
+        text = message
+        if rollback_errors:
+            text += "\nrollback incomplete: " + "; ".join(rollback_errors)
+        super().__init__(text)

@@ -1,0 +1,95 @@
+"""What istio-vm applied, remembered under the run dir (JSON, written atomically), and its lock.
+
+The state file records the backend and the `ip` commands of the last install, so `clean` can delete
+exactly the TPROXY rule/route and `::6/128` it added, whatever the configuration says by then. The
+lock keeps two istio-vm runs from interleaving their save and restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from istio_vm.errors import ApplyError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "iptables-state.json"
+LOCK_FILE = "iptables.lock"
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    backend: str | None = None
+    ip_commands: tuple[tuple[str, ...], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, "backend": self.backend,
+                           "ip_commands": [list(c) for c in self.ip_commands]}, indent=2) + "\n"
+
+
+def read(run_dir: str) -> RunState:
+    """The recorded state; an absent file means nothing recorded. An unreadable one is logged and ignored."""
+    path = os.path.join(run_dir, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        backend = data.get("backend")
+        commands = tuple(tuple(str(w) for w in c) for c in data.get("ip_commands", []))
+        if backend not in (None, "nft", "legacy"):
+            raise ValueError(f"unknown backend {backend!r}")
+        return RunState(backend, commands)
+    except FileNotFoundError:
+        return RunState()
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning("%s: unreadable (%s); treating as no recorded state", path, e)
+        return RunState()
+
+
+def write(run_dir: str, state: RunState) -> None:
+    """Write the state file atomically: a temporary file in the same directory, fsync, rename."""
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(run_dir, STATE_FILE)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(state.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove(run_dir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(run_dir, STATE_FILE))
+
+
+def commands(argvs: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(a) for a in argvs)
+
+
+@contextlib.contextmanager
+def locked(run_dir: str, timeout: float = 30.0) -> Iterator[None]:
+    """Hold an exclusive flock on RUN_DIR/iptables.lock, waiting at most `timeout` seconds."""
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApplyError(f"{path}: another istio-vm holds the lock (waited {timeout:g}s)") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,0 +1,58 @@
+"""Regenerate tests/data/golden/*.save from real iptables-save runs in a scratch namespace (root).
+
+    .venv/bin/python -m tests.make_golden
+
+Each file is one scenario's IPv4 dump (comments and counters dropped), per backend. The unit tests
+read them; test_golden_kernel.py checks that this machine's iptables still prints exactly them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from tests import kernel
+from tests.netns import Netns
+
+GOLDEN = kernel.DATA / "golden"
+
+
+def _reference(ns: Netns, backend: str) -> None:
+    kernel.restore(ns, backend, 4, kernel.text("reference-vm/expected-v4.restore"))
+
+
+def _tproxy(ns: Netns, backend: str) -> None:
+    kernel.restore(ns, backend, 4, kernel.text("tproxy/v4.restore"))
+
+
+def _leftovers(ns: Netns, backend: str) -> None:
+    kernel.restore(ns, backend, 4, kernel.FOREIGN_V4)
+    kernel.leftovers_19(ns, backend)
+
+
+SCENARIOS: dict[str, Callable[[Netns, str], None]] = {
+    "reference": _reference,
+    "tproxy": _tproxy,
+    "leftovers-1.9": _leftovers,
+}
+
+
+def generate(scenario: str, backend: str) -> str:
+    ns = Netns.create("golden")
+    try:
+        SCENARIOS[scenario](ns, backend)
+        return kernel.save(ns, backend, 4)
+    finally:
+        ns.delete()
+
+
+def main() -> int:
+    GOLDEN.mkdir(exist_ok=True)
+    for scenario in SCENARIOS:
+        for backend in kernel.BACKENDS:
+            (GOLDEN / f"{scenario}.{backend}.save").write_text(generate(scenario, backend))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
