@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from istio_vm import __version__, dump, explain
-from istio_vm.config import DEFAULT_RESOLV_CONF, Config, Sources, load
+from istio_vm import __version__, capture, compat, dump, explain, logs, start
+from istio_vm.config import DEFAULT_RESOLV_CONF, Config, Sources, load, read_shell
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
 from istio_vm.host import read_host
 from istio_vm.plan import build_plan
@@ -58,6 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
                                         description="Print the rules with what each does to a packet and "
                                         "which setting produced it.")
     _add_resolv_conf(explain_parser)
+    install = actions.add_parser("install", help="clean, then install the rules (istio-start.sh init)",
+                                 description="Remove the Istio rules found on the host and install this "
+                                 "configuration's, atomically per family; on any failure both families are "
+                                 "restored as they were.")
+    _add_resolv_conf(install)
+    actions.add_parser("clean", help="remove the Istio rules found on the host",
+                       description="Remove every Istio rule and chain found on the host (IPv4 and IPv6, nat "
+                       "and mangle) and the ip rule/route recorded by install; works even when the env "
+                       "files have errors now.")
+    verify_parser = actions.add_parser("verify", help="compare the live rules with this configuration's",
+                                       description="Exit 0 when the Istio rules on the host are exactly "
+                                       "this configuration's, 1 with a diff when they drift.")
+    _add_resolv_conf(verify_parser)
+    verify_parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    commands.add_parser(
+        "start", help="what istio-start.sh did: iptables, then run and supervise the proxy",
+        usage="istio-vm [--sidecar-env PATH] [--cluster-env PATH] start [init|-p|run|clean] [FLAGS...]",
+        description="Without arguments: clean and install the iptables rules, drop privileges to EXEC_USER and "
+        "supervise the proxy. `init` or `-p` [istio-iptables FLAGS]: only the iptables, then exit. `run`: "
+        "no iptables. `clean`: only remove the iptables rules. The same as the `istio-start` command.")
+    commands.add_parser("reload", help="hot-restart the proxy of the running `istio-vm start` (SIGHUP)",
+                        description="Send SIGHUP to the running `istio-vm start`: in envoy mode it starts the "
+                        "next epoch as an Envoy hot restart.")
     return parser
 
 
@@ -94,19 +119,95 @@ def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK
 
 
-IPTABLES_COMMANDS = {"plan": cmd_iptables_plan, "explain": cmd_iptables_explain}
+def cmd_iptables_install(args: argparse.Namespace) -> ExitStatus:
+    capture.install(load_config(args))
+    return ExitStatus.OK
+
+
+def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
+    capture.clean(clean_settings(args))
+    return ExitStatus.OK
+
+
+def clean_settings(args: argparse.Namespace) -> capture.CleanSettings:
+    shell = read_shell(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ,
+                       os.geteuid())
+    return capture.CleanSettings.from_shell(shell)
+
+
+def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
+    result = capture.check(load_config(args))
+    if args.json:
+        sys.stdout.write(result.to_json() + "\n")
+    elif result.drift:
+        sys.stdout.write(result.diff())
+        log.warning("the iptables rules drifted from the configuration (- planned, + live)")
+    else:
+        log.info("the iptables rules match the configuration (backend %s)", result.backend)
+    return ExitStatus.FAILURE if result.drift else ExitStatus.OK
+
+
+IPTABLES_COMMANDS = {"plan": cmd_iptables_plan, "explain": cmd_iptables_explain, "install": cmd_iptables_install,
+                     "clean": cmd_iptables_clean, "verify": cmd_iptables_verify}
 
 
 def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
     return IPTABLES_COMMANDS[args.iptables_command](args)
 
 
-COMMANDS = {"config": cmd_config, "iptables": cmd_iptables}
+def cmd_start(args: argparse.Namespace) -> int:
+    start_args = compat.parse_start_args(args.start_args)
+    if start_args.mode == "clean":
+        capture.clean(clean_settings(args))
+        return ExitStatus.OK
+    config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host(),
+                  overrides=start_args.overrides)
+    logs.configure(logs.choose_target(config.supervision.log_target))
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return start.start(config, start_args.mode, install_iptables=capture.install)
+
+
+def cmd_reload(args: argparse.Namespace) -> ExitStatus:
+    config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host())
+    pid = start.running_pid(config.supervision.run_dir)
+    if pid is None:
+        raise IstioVmError(f"no istio-vm start is running (no lock held in {config.supervision.run_dir})")
+    os.kill(pid, signal.SIGHUP)
+    log.info("Sent SIGHUP to istio-vm start (pid %s)", pid)
+    return ExitStatus.OK
+
+
+COMMANDS = {"config": cmd_config, "iptables": cmd_iptables, "start": cmd_start, "reload": cmd_reload}
+
+
+def _split_start(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Everything after `start` belongs to istio-start.sh's syntax (`-p 15001` is not an istio-vm option)."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--sidecar-env", "--cluster-env"):
+            i += 2
+            continue
+        if token.startswith("-"):
+            i += 1
+            continue
+        if token == "start" and argv[i + 1 : i + 2] not in (["-h"], ["--help"]):
+            return argv[: i + 1], argv[i + 1 :]
+        return argv, None
+    return argv, None
+
+
+def istio_start() -> int:
+    """The `istio-start` command: a drop-in for /usr/local/bin/istio-start.sh (`istio-vm start ARGS`)."""
+    return main(["start", *sys.argv[1:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv, start_args = _split_start(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="istio-vm: %(message)s")
+    args.start_args = start_args or []
+    logs.configure("stderr")
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

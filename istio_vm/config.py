@@ -143,9 +143,19 @@ class Sources:
     resolv_conf: str = DEFAULT_RESOLV_CONF
 
 
-def load(sources: Sources, environ: Mapping[str, str], host: Host,
-         overrides: Mapping[str, tuple[str, str]] | None = None) -> Config:
-    """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config.
+@dataclass(frozen=True, slots=True)
+class Shell:
+    """The shell variables after `set -a; . sidecar.env; . cluster.env`, with where each came from."""
+
+    variables: dict[str, str]
+    origins: dict[str, str]
+    files: tuple[str, ...]  # the env files read, in order
+    problems: tuple[Problem, ...]  # what the files got wrong (syntax, permissions)
+
+
+def read_shell(sources: Sources, environ: Mapping[str, str], euid: int,
+               overrides: Mapping[str, tuple[str, str]] | None = None) -> Shell:
+    """Read sidecar.env then cluster.env as `set -a; . FILE` would (the only env-file reads).
 
     `overrides` ({VARIABLE: (value, origin)}, e.g. istio-iptables flags) win over files and environment.
     """
@@ -165,7 +175,7 @@ def load(sources: Sources, environ: Mapping[str, str], host: Host,
         else:
             path, origins[variable] = default, "default"
         shell[variable] = path
-        text = _read_env_file(path, host.euid, problems)
+        text = _read_env_file(path, euid, problems)
         if text is None:
             continue
         files.append(path)
@@ -174,8 +184,33 @@ def load(sources: Sources, environ: Mapping[str, str], host: Host,
         origins.update((a.name, a.where) for a in assignments)
     for variable, (value, origin) in (overrides or {}).items():
         shell[variable], origins[variable] = value, origin
-    return build(shell, origins, host, files=files, problems=problems,
+    return Shell(shell, origins, tuple(files), tuple(problems))
+
+
+def load(sources: Sources, environ: Mapping[str, str], host: Host,
+         overrides: Mapping[str, tuple[str, str]] | None = None) -> Config:
+    """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config."""
+    shell = read_shell(sources, environ, host.euid, overrides)
+    return build(shell.variables, shell.origins, host, files=shell.files, problems=shell.problems,
                  read_resolv=lambda: _read_text(sources.resolv_conf), resolv_path=sources.resolv_conf)
+
+
+def lenient(shell: Shell, *names: str) -> tuple[dict[str, str], list[Problem]]:
+    """Just these settings, each its value if valid or else its default, and what was wrong.
+
+    For `iptables clean`, which must work even when someone broke an env file since the start:
+    rules left pointing at a dead proxy would break the VM's traffic and DNS.
+    """
+    values: dict[str, str] = {}
+    problems = list(shell.problems)
+    for name in names:
+        setting = BY_NAME[name]
+        raw = shell.variables.get(setting.variable, "")
+        reason = setting.check(raw) if raw and setting.check is not None else None
+        if reason is not None:
+            problems.append(Problem(shell.origins.get(setting.variable, "environment"), setting.variable, raw, reason))
+        values[name] = raw if raw and reason is None else ("" if setting.default.startswith("<") else setting.default)
+    return values, problems
 
 
 def _read_text(path: str) -> str:

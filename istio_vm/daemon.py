@@ -226,6 +226,8 @@ class Daemon:
     def _spawn(self, epoch: int, restart_epoch: int) -> None:
         if self.config.supervision.proxy == "envoy":
             argv = child.envoy_command(self.config, restart_epoch)
+            if restart_epoch == 0:
+                _remove_foreign_shared_memory(self.config.supervision.base_id)
         else:
             argv = child.agent_command(self.config)
         log.info("Epoch %s command: %s", epoch, " ".join(argv), extra={"ISTIO_EPOCH": epoch})
@@ -238,3 +240,17 @@ class Daemon:
         for fd, name in ((started.stdout, "stdout"), (started.stderr, "stderr")):
             self._selector.register(fd, selectors.EVENT_READ, _Stream(epoch, started.pid, name))
         self._execute(self.supervisor.spawned(epoch, started.pid))
+
+
+def _remove_foreign_shared_memory(base_id: int) -> None:
+    """Envoy's hot-restart memory left by another user (e.g. an old run as root) makes a fresh
+    epoch 0 abort ("cannot open shared memory region"); ours is reused safely, even after a SIGKILL."""
+    path = f"/dev/shm/envoy_shared_memory_{base_id * 10}"
+    try:
+        if os.stat(path).st_uid != os.geteuid():
+            os.unlink(path)
+            log.info("Removed %s (left by another user)", path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("Cannot remove %s: %s", path, e)

@@ -76,12 +76,8 @@ def raise_nofile() -> None:
     log.info("RLIMIT_NOFILE %s", hard)
 
 
-def start(config: Config, mode: str, *, install_iptables: Callable[[Config], None],
-          clean_iptables: Callable[[Config], None]) -> int:
-    """Run `istio-start [MODE]`; returns the exit status."""
-    if mode == "clean":
-        clean_iptables(config)
-        return ExitStatus.OK
+def start(config: Config, mode: str, *, install_iptables: Callable[[Config], object]) -> int:
+    """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
     with run_lock(config.supervision.run_dir):
         if mode in ("", "init"):
             install_iptables(config)

@@ -218,6 +218,10 @@ class Supervisor:
         if self.state is not State.RUNNING or self.current is None:
             log.warning("Reload ignored while %s", self.state)
             return []
+        if len(self.epochs) > 1:
+            # A third Envoy would terminate the draining one at once, cutting its connections.
+            log.warning("Reload ignored: the previous epoch is still handing over (ENVOY_PARENT_SHUTDOWN_TIME_S)")
+            return []
         self.state = State.RELOADING
         log.info("Hot restart: starting epoch %s beside epoch %s", self._next_epoch, self.current.number,
                  extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})

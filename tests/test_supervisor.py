@@ -262,3 +262,15 @@ def test_orphans_reaped_as_subreaper_are_ignored() -> None:
     started(sv)
     assert sv.exited(999, 0) == []
     assert sv.state is State.STARTING
+
+
+def test_no_third_epoch_while_the_previous_one_hands_over() -> None:
+    sv, _ = make(hot_restart=True)
+    started(sv)
+    sv.ready(0)
+    sv.reload()
+    sv.spawned(1, 200)
+    sv.ready(1)
+    assert sv.reload() == []  # epoch 0 still drains: a third Envoy would cut its connections
+    sv.exited(100, 0)
+    assert sv.reload()[1] == Spawn(2, 2)
