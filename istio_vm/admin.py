@@ -14,6 +14,7 @@ import re
 log = logging.getLogger(__name__)
 
 TIMEOUT = 1.0
+_PER_THREAD = re.compile(r"\.(worker_\d+|main_thread)$")
 _ACTIVE = re.compile(r"^listener\.(?P<name>[^:]+)\.downstream_cx_active: (?P<count>\d+)$", re.MULTILINE)
 
 
@@ -68,6 +69,8 @@ def active_connections(port: int) -> int | None:
         return None
     if status != 200:
         return None
+    # Per-thread copies (listener.X.worker_0..., listener.admin.main_thread...) repeat the totals; the
+    # admin listener is our own probe.
     counts = [int(m["count"]) for m in _ACTIVE.finditer(body)
-              if m["name"] != "admin" and ".worker_" not in f".{m['name']}"]
+              if m["name"] != "admin" and not _PER_THREAD.search(m["name"])]
     return sum(counts)

@@ -90,9 +90,15 @@ class Service:
                 "--cluster-env", str(self.workdir / "cluster.env"), *args]
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        self.proc = subprocess.Popen(self.command("start", *args), env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        """Start `istio-vm start ARGS`; its stderr goes to daemon.log (see `log()`)."""
+        with open(self.workdir / "daemon.log", "w") as log:
+            self.proc = subprocess.Popen(self.command("start", *args), env=self.env, stdout=subprocess.PIPE,
+                                         stderr=log, text=True, start_new_session=True)
         return self.proc
+
+    def log(self) -> str:
+        path = self.workdir / "daemon.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True, timeout=timeout,
@@ -112,7 +118,10 @@ class Service:
                 return self.messages
 
     def wait_notification(self, text: str, timeout: float = 15) -> None:
-        wait_for(lambda: any(text in m for m in self.read_notifications()), timeout, f"notification {text!r}")
+        try:
+            wait_for(lambda: any(text in m for m in self.read_notifications()), timeout, f"notification {text!r}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; notifications: {self.messages}; daemon log:\n{self.log()[-4000:]}") from None
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -124,9 +133,10 @@ class Service:
         return self.proc.pid
 
     def wait_exit(self, timeout: float = 30) -> tuple[int, str, str]:
+        """The exit status, stdout and stderr (daemon.log) of `istio-vm start`."""
         assert self.proc is not None
         out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+        return self.proc.returncode, out, err if err is not None else self.log()
 
     def processes(self) -> list[psutil.Process]:
         """Every process left that belongs to this service (by its work directory in the environment)."""
@@ -160,8 +170,8 @@ def make_bin(workdir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def service(extra_env: dict[str, str] | None = None) -> Iterator[Service]:
-    """A work directory, a network namespace and an (unstarted) Service; everything removed after."""
+def service(extra_env: dict[str, str] | None = None, netns: str | None = None) -> Iterator[Service]:
+    """A work directory, a network namespace (or `netns`) and an unstarted Service; all removed after."""
     workdir = Path(tempfile.mkdtemp(prefix="istio-vm-svc-", dir="/tmp"))
     workdir.chmod(0o755)
     try:
@@ -179,8 +189,9 @@ def service(extra_env: dict[str, str] | None = None) -> Iterator[Service]:
             "DOUBLE_RECORD": str(record), "ISTIO_CUSTOM_IP_TABLES": "true", "PROXY_UID": "1337",
             **(extra_env or {}),
         }
-        with network_namespace() as netns:
-            svc = Service(workdir, netns, env)
+        with contextlib.ExitStack() as stack:
+            name = netns or stack.enter_context(network_namespace())
+            svc = Service(workdir, name, env)
             try:
                 yield svc
             finally:

@@ -73,7 +73,7 @@ def test_install_verify_drift_clean(vm: Vm) -> None:
     assert out == ""
     vm.ns.run("iptables", "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "8080",
               "-j", "ISTIO_IN_REDIRECT")
-    status, out, err = vm.istio_vm("iptables", "verify", "--resolv-conf", str(REFERENCE / "resolv.conf"), check=1)
+    _status, out, err = vm.istio_vm("iptables", "verify", "--resolv-conf", str(REFERENCE / "resolv.conf"), check=1)
     assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT" in out
     assert "drifted" in err
     vm.istio_vm("iptables", "clean")
