@@ -1,6 +1,6 @@
 """Network namespaces for kernel tests: a "vm" and a "client" joined by a veth pair.
 
-Every namespace is named istio-vm-apply-<random> and deleted by its creator's finalizer, also on
+Every namespace is named istio-vm-<role>-<random> and deleted by its creator's finalizer, also on
 failure. `Netns.entered()` moves the calling thread into the namespace (setns(2) is per thread), so
 sockets made there stay there and subprocesses started there run there; it always moves back.
 """
@@ -44,8 +44,8 @@ class Netns:
     name: str
 
     @classmethod
-    def create(cls, role: str) -> Netns:
-        ns = cls(f"istio-vm-apply-{role}-{uuid.uuid4().hex[:8]}")
+    def create(cls, role: str, prefix: str = "istio-vm") -> Netns:
+        ns = cls(f"{prefix}-{role}-{uuid.uuid4().hex[:8]}")
         sh("ip", "netns", "add", ns.name)
         ns.ip("link", "set", "lo", "up")
         return ns
@@ -125,12 +125,12 @@ class Pair:
 
 
 @contextlib.contextmanager
-def pair() -> Iterator[Pair]:
+def pair(prefix: str = "istio-vm") -> Iterator[Pair]:
     created: list[Netns] = []
     try:
-        vm = Netns.create("vm")
+        vm = Netns.create("vm", prefix)
         created.append(vm)
-        client = Netns.create("cl")
+        client = Netns.create("cl", prefix)
         created.append(client)
         tag = uuid.uuid4().hex[:6]
         vm_if, client_if = f"iv{tag}v", f"iv{tag}c"

