@@ -155,8 +155,9 @@ def demo(workdir: Path, base: int) -> bool:
 
             heading(f"Outbound: a user (uid {USER_UID}) on the vm -> {CLIENT_V4}:9090, captured to Envoy's :15001")
             for n in range(2):
-                path = f"/outside/{n + 1}"
-                print(f"request {n + 1}: " + vm.call(functools.partial(get, CLIENT_V4, 9090, path), uid=USER_UID))
+                url_path = f"/outside/{n + 1}"
+                print(f"request {n + 1}: " + vm.call(functools.partial(get, CLIENT_V4, 9090, url_path),
+                                                      uid=USER_UID))
             wait_for(lambda: len(daemon.lines(r"\[outbound\] .*GET /outside/")) >= 2, 10, "Envoy's access log")
             print("Envoy's access log:")
             for line in daemon.lines(r"\[outbound\] .*GET /outside/"):
