@@ -1,15 +1,22 @@
-"""Generate docs/configuration.md and the example sidecar.env from settings.py.
+"""Generate the docs that must not drift: configuration.md and the example sidecar.env (from
+settings.py), iptables.md and its diagrams (from the rule plan).
 
-Run `python -m istio_vm.docgen` after changing a setting; tests/test_docgen.py fails while the
-generated files differ from what is committed.
+Run `python -m istio_vm.docgen` after changing a setting or the plan; tests/test_docgen.py fails while
+the generated files differ from what is committed. SVGs are rendered with graphviz's `dot`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import shutil
+import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
+from istio_vm import docs_iptables
 from istio_vm.settings import SETTINGS, Section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,13 +104,38 @@ def example_sidecar_env() -> str:
     return "\n".join(out) + "\n"
 
 
-GENERATED = {CONFIGURATION_MD: configuration_md, EXAMPLE_SIDECAR_ENV: example_sidecar_env}
+IMG = ROOT / "docs" / "img"
+GENERATED: dict[Path, Callable[[], str]] = {
+    CONFIGURATION_MD: configuration_md,
+    EXAMPLE_SIDECAR_ENV: example_sidecar_env,
+    ROOT / "docs" / "iptables.md": docs_iptables.iptables_md,
+    **{IMG / f"{name}.dot": functools.partial(docs_iptables.dot, name) for name in docs_iptables.EXAMPLE_ENV},
+}
+
+
+def dot_hash(dot_text: str) -> str:
+    """Written into each SVG, so a test can tell that it was rendered from the current .dot."""
+    return "istio-vm dot sha256: " + hashlib.sha256(dot_text.encode()).hexdigest()
+
+
+def render_svg(dot_path: Path) -> None:
+    text = dot_path.read_text(encoding="utf-8")
+    svg = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True, text=True, check=True).stdout
+    dot_path.with_suffix(".svg").write_text(svg.replace("<svg", f"<!-- {dot_hash(text)} -->\n<svg", 1),
+                                            encoding="utf-8")
 
 
 def main() -> int:
+    IMG.mkdir(parents=True, exist_ok=True)
     for path, render in GENERATED.items():
         path.write_text(render(), encoding="utf-8")
         print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
+    if shutil.which("dot") is None:
+        print("graphviz is not installed: the SVG diagrams were not rendered", file=sys.stderr)
+        return 1
+    for dot_path in sorted(IMG.glob("*.dot")):
+        render_svg(dot_path)
+        print(f"wrote {dot_path.with_suffix('.svg').relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 

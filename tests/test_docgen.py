@@ -32,3 +32,18 @@ def test_example_sidecar_env_is_all_comments_and_loads_to_nothing() -> None:
     assignments, problems = evaluate("\n".join(uncommented) + "\n", "sidecar.env", {})
     assert problems == []
     assert {a.name for a in assignments} >= {s.variable for s in SETTINGS if s.name != "ISTIO_SIDECAR_CONFIG"}
+
+
+def test_svg_diagrams_are_rendered_from_the_current_dot_files() -> None:
+    for dot_path in docgen.IMG.glob("*.dot"):
+        svg = dot_path.with_suffix(".svg").read_text(encoding="utf-8")
+        assert docgen.dot_hash(dot_path.read_text(encoding="utf-8")) in svg, (
+            f"{dot_path.with_suffix('.svg')} is stale: run `.venv/bin/python -m istio_vm.docgen`")
+
+
+def test_iptables_md_shows_the_reference_restore_input_exactly() -> None:
+    text = (docgen.ROOT / "docs" / "iptables.md").read_text(encoding="utf-8")
+    reference = (docgen.ROOT / "tests" / "data" / "reference-vm" / "expected-v4.restore").read_text()
+    assert "```\n" + reference + "```" in text
+    assert "img/reference-vm.svg" in text
+    assert "-j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006" in text
