@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from istio_vm import apply, dump, verify
+from istio_vm import apply, dump
 from istio_vm.config import Config, Shell, lenient
 from istio_vm.plan import build_plan
+
+if TYPE_CHECKING:
+    from istio_vm import verify
 
 log = logging.getLogger(__name__)
 CUSTOM = "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone"
@@ -63,6 +67,8 @@ def clean(settings: CleanSettings) -> apply.Report | None:
 
 
 def check(config: Config) -> verify.VerifyResult:
+    from istio_vm import verify
+
     plan = build_plan(config.capture)
     return verify.verify(plan.restore(4), plan.restore(6), backend=config.iptables.backend,
                          run_dir=config.supervision.run_dir)

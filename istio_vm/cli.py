@@ -11,13 +11,19 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from istio_vm import __version__, capture, compat, dump, explain, logs, start
-from istio_vm.config import DEFAULT_RESOLV_CONF, Config, Sources, load, read_shell
+from istio_vm import __version__, logs
+from istio_vm.config import DEFAULT_RESOLV_CONF
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
-from istio_vm.host import read_host
-from istio_vm.plan import build_plan
+from istio_vm.explain import FORMATS
 
+if TYPE_CHECKING:
+    from istio_vm import capture
+    from istio_vm.config import Config
+
+# Commands import what they use when they run: `iptables install` must not pay for Envoy's admin
+# client or the supervisor (start-up time is part of every install; see docs/benchmarks.md).
 log = logging.getLogger("istio_vm")
 
 
@@ -52,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Print the rules istio-iptables 1.9.4 would install, and the ip "
                               "commands it would run; nothing on the host is changed.")
     _add_resolv_conf(plan)
-    plan.add_argument("--format", choices=explain.FORMATS, default="restore",
+    plan.add_argument("--format", choices=FORMATS, default="restore",
                       help="restore: the iptables-restore inputs (IPv4, then IPv6); commands: 1.9's "
                            "command lines; json; dot: a Graphviz graph (default: %(default)s)")
     explain_parser = actions.add_parser("explain", help="print the rules, each explained",
@@ -92,6 +98,9 @@ def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> Config:
+    from istio_vm.config import Sources, load
+    from istio_vm.host import read_host
+
     sources = Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
                       resolv_conf=args.resolv_conf)
     config = load(sources, os.environ, read_host())
@@ -101,6 +110,8 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_config(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import dump
+
     config = load_config(args)
     text = dump.render_json(config) if args.json else dump.render_text(config, show_source=args.show_source)
     sys.stdout.write(text)
@@ -108,34 +119,49 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import explain
+    from istio_vm.plan import build_plan
+
     config = load_config(args)
     sys.stdout.write(explain.render(build_plan(config.capture), args.format))
     return ExitStatus.OK
 
 
 def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import explain
+    from istio_vm.plan import build_plan
+
     config = load_config(args)
     sys.stdout.write(explain.explain(build_plan(config.capture), config))
     return ExitStatus.OK
 
 
 def cmd_iptables_install(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import capture
+
     capture.install(load_config(args))
     return ExitStatus.OK
 
 
 def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import capture
+
     capture.clean(clean_settings(args))
     return ExitStatus.OK
 
 
 def clean_settings(args: argparse.Namespace) -> capture.CleanSettings:
+    from istio_vm import capture
+    from istio_vm.config import Sources, read_shell
+
     shell = read_shell(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ,
                        os.geteuid())
     return capture.CleanSettings.from_shell(shell)
 
 
 def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import capture
+
     result = capture.check(load_config(args))
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
@@ -156,6 +182,10 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from istio_vm import capture, compat, start
+    from istio_vm.config import Sources, load
+    from istio_vm.host import read_host
+
     start_args = compat.parse_start_args(args.start_args)
     if start_args.mode == "clean":
         capture.clean(clean_settings(args))
@@ -169,6 +199,10 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm import start
+    from istio_vm.config import Sources, load
+    from istio_vm.host import read_host
+
     config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host())
     pid = start.running_pid(config.supervision.run_dir)
     if pid is None:

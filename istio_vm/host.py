@@ -14,8 +14,6 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psutil
-
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -83,6 +81,8 @@ class Host:
 
 def read_host() -> Host:
     """The real machine (or the network namespace this process runs in)."""
+    import psutil  # getifaddrs(3): only when the real machine is asked
+
     stats = psutil.net_if_stats()
     per_interface = psutil.net_if_addrs()
     addresses = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_vm import cli
+from istio_vm import cli, host
 from istio_vm.config import Capture, Config, build
 from istio_vm.dot import to_dot
 from istio_vm.explain import CHAINS, describe, explain, render
@@ -192,7 +192,7 @@ def test_render_rejects_an_unknown_format() -> None:
 @pytest.mark.parametrize("fmt", ["json", "dot", "commands"])
 def test_cli_formats(fmt: str, clean_env: pytest.MonkeyPatch, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(cli, "read_host", fake_host)
+    clean_env.setattr(host, "read_host", fake_host)
     (tmp_path / "resolv.conf").write_text("nameserver 10.10.10.6\n")
     assert cli.main(iptables_args(tmp_path, DATA / "reference-vm" / "cluster.env", "plan", "--format", fmt)) == 0
     out = capsys.readouterr().out
@@ -206,7 +206,7 @@ def test_cli_formats(fmt: str, clean_env: pytest.MonkeyPatch, tmp_path: Path,
 
 
 def test_cli_explain(clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(cli, "read_host", fake_host)
+    clean_env.setattr(host, "read_host", fake_host)
     (tmp_path / "resolv.conf").write_text("nameserver 10.10.10.6\n")
     assert cli.main(iptables_args(tmp_path, DATA / "reference-vm" / "cluster.env", "explain")) == 0
     out = capsys.readouterr().out

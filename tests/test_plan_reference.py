@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_vm import cli
+from istio_vm import cli, host
 from istio_vm.host import Host, User
 from tests.helpers import DATA, GOLDEN, check_golden, fake_host, iptables_args
 
@@ -34,7 +34,7 @@ FORMATS = {  # case -> the output formats kept as golden files
 @pytest.fixture
 def vm(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A fake VM: the user lookup and addresses of the reference VM; env files go in the returned dir."""
-    clean_env.setattr(cli, "read_host", fake_host)
+    clean_env.setattr(host, "read_host", fake_host)
     shutil.copy(REFERENCE / "resolv.conf", tmp_path / "resolv.conf")
     return tmp_path
 
@@ -48,7 +48,7 @@ def test_reference_vm_restore_is_byte_for_byte(vm: Path, capsys: pytest.CaptureF
 
 def test_reference_vm_with_proxy_uid_and_no_istio_proxy_user(
         vm: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(cli, "read_host", lambda: Host(addresses=fake_host().addresses, euid=os.geteuid(),
+    clean_env.setattr(host, "read_host", lambda: Host(addresses=fake_host().addresses, euid=os.geteuid(),
                                                       lookup_user=lambda name: None if name != "root" else
                                                       User("root", 0, 0, "/root")))
     clean_env.setenv("PROXY_UID", "997")
