@@ -7,8 +7,10 @@ time from this process with the thread moved into the namespace:
   replay   bash running 1.9's logged sequence: the 34 clean commands of clean-commands-1.9.txt,
            iptables-save, iptables-restore --noflush <file of expected-v4.restore>,
            ip6tables-restore --noflush <empty file>, iptables-save (plain `iptables`, as 1.9 ran it)
-  ours     istio_vm.apply.install(expected-v4.restore, "", []) called in this interpreter
-  ours-cli the same in a new `python -c` process (what a CLI start costs, interpreter included)
+  ours     istio_vm.apply.install(expected-v4.restore, "", []) called in this interpreter (what
+           `istio-vm start` spends, the interpreter being up already)
+  ours-cli `istio-vm iptables install` on the reference VM's cluster.env and resolv.conf (PROXY_UID=997):
+           the command as an operator runs it, interpreter start-up, config and plan included
   floor    one bare `iptables-nft-restore` of the same text (replacing the nat table whole)
 Two scenarios: "first start" (empty namespace) and "restart" (the rules already installed once
 the same way, untimed). Spawns are counted in a separate run with `strace -f -e trace=execve`
@@ -87,9 +89,11 @@ def run_checked(argv: list[str], stdin: str | None = None) -> None:
 
 
 def cli_argv(run_dir: str) -> list[str]:
-    code = ("import sys; from istio_vm import apply; "
-            f"apply.install(open({str(DATA / 'expected-v4.restore')!r}).read(), '', [], run_dir={run_dir!r})")
-    return [sys.executable, "-c", code]
+    """`istio-vm iptables install` of the reference VM (it writes exactly expected-v4.restore)."""
+    return ["env", "PROXY_UID=997", "EXEC_USER=root", f"ISTIO_VM_RUN_DIR={run_dir}",
+            str(Path(sys.executable).parent / "istio-vm"), "--sidecar-env", "/nonexistent",
+            "--cluster-env", str(DATA / "cluster.env"), "iptables", "install",
+            "--resolv-conf", str(DATA / "resolv.conf")]
 
 
 def variants(workdir: Path) -> dict[str, Callable[[str], object]]:
@@ -125,7 +129,7 @@ def spawns(argv: list[str], workdir: Path, restart: bool) -> int:
             run_checked(argv)
         run_checked(["strace", "-f", "-qq", "-e", "trace=execve", "-o", str(trace), *argv])
     calls = [line for line in trace.read_text().splitlines() if "execve(" in line and line.rstrip().endswith("= 0")]
-    return len(calls) - 1
+    return len(calls) - (2 if argv[0] == "env" else 1)  # argv's own execs (env, then istio-vm)
 
 
 def main() -> int:

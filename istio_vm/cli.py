@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from istio_vm import __version__, logs
 from istio_vm.config import DEFAULT_RESOLV_CONF
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
-from istio_vm.explain import FORMATS
+from istio_vm.ruleset import FORMATS
 
 if TYPE_CHECKING:
     from istio_vm import capture

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from istio_vm.config import DNS_SERVERS, Config
 from istio_vm.dot import to_dot
-from istio_vm.ruleset import ALWAYS, BUILTIN_CHAINS, Plan, Rule, ordered_tables
+from istio_vm.ruleset import ALWAYS, BUILTIN_CHAINS, FORMATS, Plan, Rule, ordered_tables
 
-FORMATS = ("restore", "commands", "json", "dot")
 FAMILY_TITLE = {4: "IPv4 rules (iptables-restore)", 6: "IPv6 rules (ip6tables-restore)"}
 
 CHAINS = {

@@ -7,6 +7,7 @@ config builder consumes (tests pass their own).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import pwd
@@ -81,18 +82,47 @@ class Host:
 
 def read_host() -> Host:
     """The real machine (or the network namespace this process runs in)."""
-    import psutil  # getifaddrs(3): only when the real machine is asked
+    return Host(addresses=tuple(interface_addresses()), hostname=socket.gethostname(), euid=os.geteuid())
 
-    stats = psutil.net_if_stats()
-    per_interface = psutil.net_if_addrs()
-    addresses = []
-    # getifaddrs(3) (netlink) dumps all IPv4 addresses before all IPv6 ones; psutil groups by
-    # interface, so regroup by family to get the order hostname(1) and Go's InterfaceAddrs see.
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for name, entries in per_interface.items():
-            flags = stats[name].flags.split(",") if name in stats else []
-            for entry in entries:
-                if entry.family == family:
-                    addresses.append(Address(name, entry.address.split("%", 1)[0], "loopback" in flags,
-                                             "up" in flags))
-    return Host(addresses=tuple(addresses), hostname=socket.gethostname(), euid=os.geteuid())
+
+IFF_UP, IFF_LOOPBACK = 0x1, 0x8
+
+
+class _Ifaddrs(ctypes.Structure):
+    pass
+
+
+_Ifaddrs._fields_ = [  # struct ifaddrs, getifaddrs(3)
+    ("ifa_next", ctypes.POINTER(_Ifaddrs)), ("ifa_name", ctypes.c_char_p), ("ifa_flags", ctypes.c_uint),
+    ("ifa_addr", ctypes.c_void_p), ("ifa_netmask", ctypes.c_void_p), ("ifa_ifu", ctypes.c_void_p),
+    ("ifa_data", ctypes.c_void_p),
+]
+
+
+def interface_addresses() -> list[Address]:
+    """Every IPv4 and IPv6 address in getifaddrs(3) order, which is what hostname(1) and Go's
+    InterfaceAddrs walk: netlink dumps all IPv4 addresses, then all IPv6 ones."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    head = ctypes.POINTER(_Ifaddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        raise OSError(ctypes.get_errno(), "getifaddrs")
+    found = []
+    try:
+        entry = head
+        while entry:
+            ifa = entry.contents
+            if ifa.ifa_addr:
+                raw = ctypes.string_at(ifa.ifa_addr, 24)  # sockaddr_in6 up to the address
+                family = int.from_bytes(raw[:2], "little")
+                ip = None
+                if family == socket.AF_INET:
+                    ip = socket.inet_ntop(socket.AF_INET, raw[4:8])
+                elif family == socket.AF_INET6:
+                    ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+                if ip is not None:
+                    name = (ifa.ifa_name or b"").decode(errors="replace")
+                    found.append(Address(name, ip, bool(ifa.ifa_flags & IFF_LOOPBACK), bool(ifa.ifa_flags & IFF_UP)))
+            entry = ifa.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return found

@@ -15,6 +15,7 @@ BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROU
 TABLE_ORDER = ("nat", "mangle")  # 1.9 emitted tables in Go's random map order; istio-vm fixes it
 COMMAND = {4: "iptables", 6: "ip6tables"}
 
+FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan --format` prints
 
 @dataclass(frozen=True, slots=True)
 class Rule:
