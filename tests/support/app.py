@@ -37,6 +37,12 @@ class _Server(ThreadingHTTPServer):
         self.count = 0
         self.lock = threading.Lock()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that went away (a killed Envoy) is not worth a traceback when quiet; anything else is."""
+        if self.quiet and isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive by default
