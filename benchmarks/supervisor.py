@@ -56,10 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 from istio_vm import admin  # noqa: E402
 from tests.netns import VM_V4, Pair, pair  # noqa: E402
-from tests.service import Service, ensure_user, service, wait_for  # noqa: E402
+from tests.service import Service, ensure_user, service  # noqa: E402
 from tests.support.app import App  # noqa: E402
 from tests.support.envoy import base_id, envoy_binary, remove_shm  # noqa: E402
 from tests.support.load import Load, LoadResult  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
 
 REFERENCE = ROOT / "tests" / "data" / "reference-vm"
 BUNDLED = Path(str(importlib.resources.files("istio_vm") / "examples" / "envoy-bootstrap.yaml"))

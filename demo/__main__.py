@@ -22,8 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -31,6 +30,7 @@ from tests.netns import CLIENT_V4, VM_V4, Netns, pair
 from tests.support.app import App
 from tests.support.envoy import base_id, envoy_binary, remove_shm
 from tests.support.load import Load
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ISTIO_VM = Path(sys.executable).parent / "istio-vm"
@@ -42,12 +42,6 @@ def heading(text: str) -> None:
     print(f"\n== {text} " + "=" * max(3, 96 - len(text)), flush=True)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Daemon:

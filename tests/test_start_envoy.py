@@ -19,10 +19,11 @@ import psutil
 import pytest
 
 from tests.netns import VM_V4, Pair, pair
-from tests.service import Service, ensure_user, service, wait_for
+from tests.service import Service, ensure_user, service
 from tests.support.app import App
 from tests.support.envoy import base_id, envoy_binary, remove_shm
 from tests.support.load import Load
+from tests.support.wait import wait_for
 
 REFERENCE = Path(__file__).parent / "data" / "reference-vm"
 BUNDLED = Path(str(importlib.resources.files("istio_vm") / "examples" / "envoy-bootstrap.yaml"))

@@ -24,9 +24,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.support.wait import wait_for
 
 T = TypeVar("T")
 
@@ -71,16 +73,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; AssertionError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- base ids and shared memory ---------------------------------------------------------------------------------
