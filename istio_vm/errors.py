@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 @enum.unique
 class ExitStatus(enum.IntEnum):
-    """Process exit statuses of `istio-vm` (also documented in docs/operations.md)."""
+    """Process exit statuses of `istio-vm` (also documented in README.md and docs/systemd.md)."""
 
     OK = 0
     FAILURE = 1  # a command failed (the tool's own message says why)

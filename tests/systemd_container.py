@@ -383,7 +383,7 @@ class Container:
         part of any unit; output is captured, so a command that leaves a daemon holding stdout open
         runs into ``timeout`` (start daemons as units, e.g. with systemd-run).
         """
-        with self.popen(argv, env, stdin=None if input is not None else subprocess.DEVNULL,
+        with self.popen(argv, env, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) as running:  # fmt: skip
             try:
                 stdout, stderr = running.communicate(input, timeout=timeout)

@@ -114,6 +114,7 @@ def test_container_runs_notify_unit_with_journal_and_private_iptables(rootfs: Pa
         assert container.systemctl("is-system-running", check=False).stdout.strip() in {"running", "degraded"}
         assert container.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
         assert container.run(["hostname"]).stdout.strip() == "istio-vm-test"
+        assert container.run(["cat"], input="to stdin\n").stdout == "to stdin\n"  # input reaches the command
         assert container.run(["cat", "/etc/debian_version"]).stdout.startswith("12.")
         assert container.path("/etc/os-release").read_text() == container.run(["cat", "/etc/os-release"]).stdout
         with pytest.raises(ValueError, match="own mount"):

@@ -5,6 +5,8 @@ to $DOUBLE_RECORD (start: argv, env, uid/gid/groups; every signal; exit), serves
 127.0.0.1:15021/healthz/ready, starts a stand-in "envoy" grandchild, and on SIGTERM "drains" for
 $DOUBLE_DRAIN seconds, stops its envoy and exits 0. SIGUSR2 makes it crash (exit $DOUBLE_CRASH_CODE).
 $DOUBLE_CRASH_AT_START=1 makes every start crash at once; $DOUBLE_IGNORE_TERM=1 ignores SIGTERM.
+$DOUBLE_READY_FILE=PATH: readiness answers 503 until PATH exists (the first refusal prints a line), so a
+test decides when the proxy becomes ready.
 It prints a few lines on stdout and stderr, like pilot-agent and Envoy do.
 """
 
@@ -30,8 +32,18 @@ def record(event: str, **fields: object) -> None:
 
 
 class Ready(http.server.BaseHTTPRequestHandler):
+    refused = False
+
     def do_GET(self) -> None:
         ok = self.path == "/healthz/ready"
+        gate = os.environ.get("DOUBLE_READY_FILE")
+        if ok and gate and not os.path.exists(gate):
+            if not Ready.refused:
+                Ready.refused = True
+                print(f"info\tnot ready yet: waiting for {gate}", flush=True)
+            self.send_response(503)
+            self.end_headers()
+            return
         self.send_response(200 if ok else 404)
         self.end_headers()
         self.wfile.write(b"ready\n" if ok else b"")
