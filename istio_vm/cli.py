@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, start_args = _split_start(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.start_args = start_args or []
-    logs.configure("stderr")
+    logs.configure(logs.choose_target(None))  # structured journal entries under systemd (e.g. ExecStopPost)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
@@ -255,3 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"istio-vm: error: {e}", file=sys.stderr)
         return e.status
+    except OSError as e:  # the machine refused something (a file, a socket, a process): say what, no traceback
+        if args.traceback:
+            raise
+        print(f"istio-vm: error: {e}", file=sys.stderr)
+        return ExitStatus.FAILURE

@@ -348,7 +348,9 @@ def test_stop_drains_leaves_no_process_and_cleans_iptables_as_root(vm: Vm) -> No
     assert vm.proxy_processes() == []
     assert vm.rules() == before
     # ExecStopPost=+...: `istio-vm iptables clean` ran as root, in the unit, after istio-vm (istio-proxy) exited.
-    [clean] = [e for e in vm.journal() if e["MESSAGE"].startswith("istio-vm: iptables clean: ")]
+    # ExecStopPost's istio-vm writes structured journal entries too (its stderr is the journal stream).
+    [clean] = [e for e in vm.journal() if e["MESSAGE"].startswith("iptables clean: ")]
+    assert clean["SYSLOG_IDENTIFIER"] == "istio-vm"
     assert re.search(r"IPv4: [1-9][0-9]* removal lines", clean["MESSAGE"])
     assert (clean["_UID"], clean["_CMDLINE"]) == ("0", f"{VENV}/bin/python3 {VENV}/bin/istio-vm iptables clean")
     assert clean["_SYSTEMD_UNIT"] == UNIT
