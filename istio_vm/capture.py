@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from istio_vm import apply, dump
-from istio_vm.config import Config, Shell, lenient
+from istio_vm.config import Config, lenient
 from istio_vm.plan import build_plan
+from istio_vm.sources import Shell
 
 if TYPE_CHECKING:
     from istio_vm import verify

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from istio_vm import __version__, logs
-from istio_vm.config import DEFAULT_RESOLV_CONF
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
 from istio_vm.ruleset import FORMATS
+from istio_vm.sources import DEFAULT_RESOLV_CONF
 
 if TYPE_CHECKING:
     from istio_vm import capture
@@ -98,8 +98,9 @@ def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    from istio_vm.config import Sources, load
+    from istio_vm.config import load
     from istio_vm.host import read_host
+    from istio_vm.sources import Sources
 
     sources = Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
                       resolv_conf=args.resolv_conf)
@@ -152,7 +153,7 @@ def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
 
 def clean_settings(args: argparse.Namespace) -> capture.CleanSettings:
     from istio_vm import capture
-    from istio_vm.config import Sources, read_shell
+    from istio_vm.sources import Sources, read_shell
 
     shell = read_shell(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ,
                        os.geteuid())
@@ -183,8 +184,9 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from istio_vm import capture, compat, start
-    from istio_vm.config import Sources, load
+    from istio_vm.config import load
     from istio_vm.host import read_host
+    from istio_vm.sources import Sources
 
     start_args = compat.parse_start_args(args.start_args)
     if start_args.mode == "clean":
@@ -200,8 +202,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
     from istio_vm import start
-    from istio_vm.config import Sources, load
+    from istio_vm.config import load
     from istio_vm.host import read_host
+    from istio_vm.sources import Sources
 
     config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host())
     pid = start.running_pid(config.supervision.run_dir)

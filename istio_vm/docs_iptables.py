@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from istio_vm.config import Config, Sources, load
+from istio_vm.config import Config, load
 from istio_vm.dot import to_dot
 from istio_vm.explain import explain
 from istio_vm.host import Address, Host, User
 from istio_vm.plan import build_plan
+from istio_vm.sources import Sources
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = "istio_vm/examples"

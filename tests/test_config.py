@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from istio_vm import dump
-from istio_vm.config import Config, Sources, build, load
+from istio_vm.config import Config, build, load
 from istio_vm.errors import ConfigError
 from istio_vm.host import Address, Host, User
+from istio_vm.sources import Sources
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "reference-vm"

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from istio_vm.config import Sources, load
+from istio_vm.config import load
 from istio_vm.envfile import evaluate
 from istio_vm.host import Host, User
+from istio_vm.sources import Sources
 
 CORPUS = Path(__file__).parent / "data" / "envfiles"
 CASES = sorted(p for p in CORPUS.iterdir() if p.is_dir() and p.name != "reject")

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from istio_vm.config import Sources, load
+from istio_vm.config import load
 from istio_vm.envfile import evaluate
 from istio_vm.errors import ConfigError, Problem
 from istio_vm.host import Host, User
+from istio_vm.sources import Sources
 
 REJECT = Path(__file__).parent / "data" / "envfiles" / "reject"
 RESOLV_CONF = str(Path(__file__).parent.parent / "istio_vm" / "examples" / "resolv.conf")
