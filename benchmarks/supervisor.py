@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.resources
 import json
 import os
 import platform
@@ -58,12 +57,10 @@ from istio_vm import admin  # noqa: E402
 from tests.netns import VM_V4, Pair, pair  # noqa: E402
 from tests.service import Service, ensure_user, service  # noqa: E402
 from tests.support.app import App  # noqa: E402
-from tests.support.envoy import base_id, envoy_binary, remove_shm  # noqa: E402
+from tests.support.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm  # noqa: E402
 from tests.support.load import Load, LoadResult  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 
-REFERENCE = ROOT / "tests" / "data" / "reference-vm"
-BUNDLED = Path(str(importlib.resources.files("istio_vm") / "examples" / "envoy-bootstrap.yaml"))
 MB = 1024 * 1024
 
 GOAL_OVERHEAD_MS = 20.0
@@ -380,13 +377,7 @@ class EnvoyVm:
             return admin.active_connections(15000)
 
     def leftover_envoys(self) -> list[int]:
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmdline = p.info["cmdline"] or []
-            if "--base-id" in cmdline and cmdline[cmdline.index("--base-id") + 1:][:1] == [str(self.base_id)]:
-                found.append(p.pid)
-        return found
-
+        return envoys_with_base_id(self.base_id)
 
 @contextlib.contextmanager
 def envoy_vm(net: Pair, envoy: Path) -> Iterator[EnvoyVm]:
@@ -394,16 +385,7 @@ def envoy_vm(net: Pair, envoy: Path) -> Iterator[EnvoyVm]:
     base = base_id()
     try:
         with service(netns=net.vm.name) as svc, Notifications(svc) as notes:
-            bootstrap = svc.workdir / "envoy-bootstrap.yaml"
-            shutil.copy(BUNDLED, bootstrap)
-            bootstrap.chmod(0o644)
-            svc.env.pop("PROXY_UID")  # derived from the istio-proxy user, whom Envoy runs as
-            svc.env.pop("ISTIO_CUSTOM_IP_TABLES")  # istio-vm installs the reference rules itself
-            svc.write_env((REFERENCE / "cluster.env").read_text() + "".join(f"{k}={v}\n" for k, v in {
-                "ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy), "ENVOY_BOOTSTRAP": str(bootstrap),
-                "ENVOY_BASE_ID": str(base), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3",
-                "TERMINATION_DRAIN_DURATION": "5s", "ISTIO_VM_BACKOFF_INITIAL": "0.2s",
-                "ISTIO_VM_BACKOFF_MAX": "0.2s"}.items()))
+            svc.envoy_mode(envoy, base, ISTIO_VM_BACKOFF_MAX="0.2s")
             svc.start()
             notes.wait("READY=1")
             vm = EnvoyVm(svc, notes, net, base)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import importlib.resources
 import json
 import os
 import pwd
@@ -29,6 +30,8 @@ import psutil
 from tests.support.wait import wait_for
 
 SUPPORT = Path(__file__).parent / "support"
+REFERENCE_CLUSTER_ENV = Path(__file__).parent / "data" / "reference-vm" / "cluster.env"
+BUNDLED = Path(str(importlib.resources.files("istio_vm") / "examples" / "envoy-bootstrap.yaml"))
 VENV_BIN = Path(sys.executable).parent
 ISTIO_VM = VENV_BIN / "istio-vm"
 
@@ -79,6 +82,19 @@ class Service:
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, str(ISTIO_VM), "--sidecar-env", str(self.workdir / "none.env"),
                 "--cluster-env", str(self.workdir / "cluster.env"), *args]
+
+    def envoy_mode(self, envoy: Path, base_id: int, **settings: str) -> None:
+        """The reference VM in envoy mode: istio-vm installs its rules and runs the real Envoy (bundled
+        bootstrap) as istio-proxy, whose UID the rules exempt."""
+        bootstrap = self.workdir / "envoy-bootstrap.yaml"
+        shutil.copy(BUNDLED, bootstrap)
+        bootstrap.chmod(0o644)
+        self.env.pop("PROXY_UID", None)  # derived from the istio-proxy user, whom Envoy runs as
+        self.env.pop("ISTIO_CUSTOM_IP_TABLES", None)  # istio-vm installs the reference rules itself
+        settings = {"ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy), "ENVOY_BOOTSTRAP": str(bootstrap),
+                    "ENVOY_BASE_ID": str(base_id), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3",
+                    "TERMINATION_DRAIN_DURATION": "5s", "ISTIO_VM_BACKOFF_INITIAL": "0.2s", **settings}
+        self.write_env(REFERENCE_CLUSTER_ENV.read_text() + "".join(f"{k}={v}\n" for k, v in settings.items()))
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         """Start `istio-vm start ARGS`; its stderr goes to daemon.log (see `log()`)."""

@@ -6,14 +6,11 @@ supervised Envoy (bundled bootstrap, as istio-proxy); a "client" namespace sends
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import pwd
-import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
@@ -21,12 +18,10 @@ import pytest
 from tests.netns import VM_V4, Pair, pair
 from tests.service import Service, ensure_user, service
 from tests.support.app import App
-from tests.support.envoy import base_id, envoy_binary, remove_shm
+from tests.support.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm
 from tests.support.load import Load
 from tests.support.wait import wait_for
 
-REFERENCE = Path(__file__).parent / "data" / "reference-vm"
-BUNDLED = Path(str(importlib.resources.files("istio_vm") / "examples" / "envoy-bootstrap.yaml"))
 ENVOY = envoy_binary()
 
 pytestmark = [
@@ -43,13 +38,7 @@ class EnvoyVm:
     base_id: int
 
     def leftover_envoys(self) -> list[int]:
-        """Envoys of this test still alive anywhere (found by their --base-id)."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmdline = p.info["cmdline"] or []
-            if "--base-id" in cmdline and cmdline[cmdline.index("--base-id") + 1:][:1] == [str(self.base_id)]:
-                found.append(p.pid)
-        return found
+        return envoys_with_base_id(self.base_id)
 
     def envoy_pids(self) -> list[int]:
         daemon = psutil.Process(self.svc.daemon_pid())
@@ -65,15 +54,8 @@ def envoy_vm() -> Iterator[EnvoyVm]:
     ensure_user("istio-proxy")
     base = base_id()
     with pair() as net, service(netns=net.vm.name) as svc:
-        bootstrap = svc.workdir / "envoy-bootstrap.yaml"
-        shutil.copy(BUNDLED, bootstrap)
-        bootstrap.chmod(0o644)
-        svc.env.pop("PROXY_UID")  # derived from the istio-proxy user, whom Envoy runs as
-        svc.env.pop("ISTIO_CUSTOM_IP_TABLES")  # istio-vm installs the reference rules itself
-        svc.write_env((REFERENCE / "cluster.env").read_text() + "".join(f"{k}={v}\n" for k, v in {
-            "ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(ENVOY), "ENVOY_BOOTSTRAP": str(bootstrap),
-            "ENVOY_BASE_ID": str(base), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3",
-            "TERMINATION_DRAIN_DURATION": "5s", "ISTIO_VM_BACKOFF_INITIAL": "0.2s"}.items()))
+        assert ENVOY is not None
+        svc.envoy_mode(ENVOY, base)
         with net.vm.entered():
             app = App("0.0.0.0", 8080, delay=0.0).start()
         try:

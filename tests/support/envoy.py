@@ -424,3 +424,15 @@ def active_connections(stats: dict[str, int]) -> int:
         if listener != "admin" and not _PER_THREAD.search(listener):
             total += value
     return total
+
+
+def envoys_with_base_id(base: int) -> list[int]:
+    """Pids of every Envoy on the machine started with `--base-id base` (to find what a test left behind)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "--base-id" in cmdline and cmdline[cmdline.index("--base-id") + 1:][:1] == [str(base)]:
+            found.append(process.pid)
+    return found
