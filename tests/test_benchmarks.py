@@ -68,3 +68,17 @@ def test_supervisor_benchmark_quick_run_reports_every_figure() -> None:
 
     assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["restart", "idle", "idle", "zero"]
     assert all(g["met"] in (True, False, None) for g in result["goals"])
+
+
+IPTABLES_BENCH = Path(__file__).parent.parent / "benchmarks" / "iptables_install.py"
+
+
+def test_iptables_benchmark_runs_and_counts_processes() -> None:
+    result = run_json([str(IPTABLES_BENCH), "--runs", "1", "--json"], timeout=120)
+    assert set(result) == {"first start", "restart"}
+    for scenario in result.values():
+        assert set(scenario["median_ms"]) == {"replay", "ours", "ours-cli", "floor"}
+        assert scenario["spawns"]["ours (Runner calls)"] == 3  # the reference VM: two saves, one restore
+        if "replay (strace execve)" in scenario["spawns"]:
+            assert scenario["spawns"]["replay (strace execve)"] == 38
+            assert scenario["spawns"]["ours-cli (strace execve)"] == 3
