@@ -37,5 +37,6 @@ def iptables_args(directory: Path, env_file: Path, *extra: str) -> list[str]:
     """argv of `istio-vm iptables EXTRA...` reading env_file as cluster.env and directory/resolv.conf."""
     cluster_env = directory / "cluster.env"
     shutil.copy(env_file, cluster_env)  # a copy we own: as root, istio-vm refuses env files of other users
+    cluster_env.chmod(0o644)  # ... and ones others may write (a checkout under umask 002 is group-writable)
     return ["--sidecar-env", str(directory / "missing-sidecar.env"), "--cluster-env", str(cluster_env),
             "iptables", *extra, "--resolv-conf", str(directory / "resolv.conf")]
