@@ -38,12 +38,9 @@ SCENARIOS: dict[str, Callable[[Netns, str], None]] = {
 
 
 def generate(scenario: str, backend: str) -> str:
-    ns = Netns.create("golden")
-    try:
+    with Netns.temporary("golden") as ns:
         SCENARIOS[scenario](ns, backend)
         return kernel.save(ns, backend, 4)
-    finally:
-        ns.delete()
 
 
 def main() -> int:

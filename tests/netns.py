@@ -49,6 +49,16 @@ class Netns:
         ns.ip("link", "set", "lo", "up")
         return ns
 
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(cls, role: str) -> Iterator[Netns]:
+        """A namespace for the block, deleted afterwards, also when the block failed."""
+        ns = cls.create(role)
+        try:
+            yield ns
+        finally:
+            ns.delete()
+
     def delete(self) -> None:
         sh("ip", "netns", "delete", self.name, check=False)
 

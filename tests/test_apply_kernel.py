@@ -27,11 +27,8 @@ SCENARIOS = {"reference": (REF, "", []), "tproxy": (TPROXY, "", TPROXY_IP), "ipv
 
 @pytest.fixture
 def ns() -> Iterator[Netns]:
-    namespace = Netns.create("k")
-    try:
+    with Netns.temporary("k") as namespace:
         yield namespace
-    finally:
-        namespace.delete()
 
 
 @pytest.fixture
@@ -79,12 +76,9 @@ def test_clean_takes_no_plan_so_a_changed_config_leaves_nothing(ns: Netns, backe
     install(ns, backend, run_dir, "tproxy")
     install(ns, backend, run_dir, "ipv6")  # config changed: TPROXY's mangle rules and ip rule/route must go
     after_b = kernel.state(ns, backend)
-    fresh = Netns.create("fresh")
-    try:
+    with Netns.temporary("fresh") as fresh:
         install(fresh, backend, str(Path(run_dir).parent / "fresh"), "ipv6")
         assert after_b == kernel.state(fresh, backend)
-    finally:
-        fresh.delete()
     clean(ns, backend, run_dir)
     assert kernel.state(ns, backend) == before
 
@@ -162,15 +156,12 @@ def test_detection_picks_legacy_only_when_only_legacy_has_rules(ns: Netns, run_d
     assert kernel.save(ns, "legacy", 4) == kernel.text("golden/reference.legacy.save")
     assert kernel.save(ns, "nft", 4) == ""
     # nft has rules too: nft wins, and legacy is left alone.
-    other = Netns.create("both")
-    try:
+    with Netns.temporary("both") as other:
         kernel.restore(other, "legacy", 4, REF)
         kernel.restore(other, "nft", 4, kernel.FOREIGN_V4)
         with other.entered():
             assert apply.install(REF, "", [], run_dir=str(tmp_path / "other")).backend == "nft"
         assert kernel.save(other, "legacy", 4) == kernel.text("golden/reference.legacy.save")
-    finally:
-        other.delete()
 
 
 @pytest.mark.parametrize("backend", kernel.BACKENDS)

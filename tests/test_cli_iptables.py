@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -47,15 +46,10 @@ class Vm:
 
 @pytest.fixture
 def vm() -> Iterator[Vm]:
-    ns = Netns.create("cli")
-    workdir = Path(tempfile.mkdtemp(prefix="istio-vm-cli-"))
-    try:
+    with Netns.temporary("cli") as ns, tempfile.TemporaryDirectory(prefix="istio-vm-cli-") as workdir:
         ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
         ns.ip("addr", "add", "10.98.0.2/24", "dev", "eth0")
-        yield Vm(ns, workdir)
-    finally:
-        ns.delete()
-        shutil.rmtree(workdir)
+        yield Vm(ns, Path(workdir))
 
 
 def reference_env() -> str:

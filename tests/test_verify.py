@@ -20,11 +20,8 @@ TPROXY = kernel.text("tproxy/v4.restore")
 
 @pytest.fixture
 def ns() -> Iterator[Netns]:
-    namespace = Netns.create("verify")
-    try:
+    with Netns.temporary("verify") as namespace:
         yield namespace
-    finally:
-        namespace.delete()
 
 
 def run_verify(ns: Netns, backend: str, v4: str, v6: str = "") -> verify.VerifyResult:
