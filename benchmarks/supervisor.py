@@ -59,7 +59,7 @@ from tests.service import Service, ensure_user, service  # noqa: E402
 from tests.support.app import App  # noqa: E402
 from tests.support.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm  # noqa: E402
 from tests.support.load import Load, LoadResult  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
+from tests.support.wait import children_named, process_gone, wait_for  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -365,8 +365,7 @@ class EnvoyVm:
     base_id: int
 
     def envoy_pids(self) -> list[int]:
-        daemon = psutil.Process(self.svc.daemon_pid())
-        return [p.pid for p in daemon.children() if p.name() == "envoy"]
+        return children_named(self.svc.daemon_pid(), "envoy")
 
     def load(self, **kwargs: Any) -> Load:
         with self.net.client.entered():  # the load's threads and sockets live in the client namespace
@@ -403,7 +402,7 @@ def envoy_vm(net: Pair, envoy: Path) -> Iterator[EnvoyVm]:
 
 
 def gone(pid: int) -> Callable[[], bool]:
-    return lambda: not psutil.pid_exists(pid)
+    return lambda: process_gone(pid)
 
 
 def failures(before: LoadResult, after: LoadResult) -> dict[str, Any]:

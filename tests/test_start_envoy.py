@@ -20,7 +20,7 @@ from tests.service import Service, ensure_user, service
 from tests.support.app import App
 from tests.support.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm
 from tests.support.load import Load
-from tests.support.wait import wait_for
+from tests.support.wait import children_named, process_gone, wait_for
 
 ENVOY = envoy_binary()
 
@@ -41,8 +41,7 @@ class EnvoyVm:
         return envoys_with_base_id(self.base_id)
 
     def envoy_pids(self) -> list[int]:
-        daemon = psutil.Process(self.svc.daemon_pid())
-        return [p.pid for p in daemon.children() if p.name() == "envoy"]
+        return children_named(self.svc.daemon_pid(), "envoy")
 
     def load(self, **kwargs: object) -> Load:
         with self.net.client.entered():  # the load's threads and sockets live in the client namespace
@@ -75,8 +74,7 @@ def test_traffic_flows_through_envoy_and_sighup_hot_restarts_without_loss(envoy_
     load.wait_ok(50)
     svc.signal(signal.SIGHUP)
     svc.wait_notification("STATUS=epoch 1 running", timeout=30)
-    wait_for(lambda: not psutil.pid_exists(epoch0) or psutil.Process(epoch0).status() == "zombie",
-             timeout=15, what="epoch 0 to hand over and exit")
+    wait_for(lambda: process_gone(epoch0), timeout=15, what="epoch 0 to hand over and exit")
     load.wait_ok(50)
     result = load.stop()
     assert result.failed == 0, result.summary()
