@@ -7,7 +7,7 @@ time from this process with the thread moved into the namespace:
   replay   bash running 1.9's logged sequence: the 34 clean commands of clean-commands-1.9.txt,
            iptables-save, iptables-restore --noflush <file of expected-v4.restore>,
            ip6tables-restore --noflush <empty file>, iptables-save (plain `iptables`, as 1.9 ran it)
-  ours     istio_vm.apply.install(expected-v4.restore, "", []) called in this interpreter (what
+  ours     istio_vm.iptables.apply.install(expected-v4.restore, "", []) called in this interpreter (what
            `istio-vm start` spends, the interpreter being up already)
   ours-cli `istio-vm iptables install` on the reference VM's cluster.env and resolv.conf (PROXY_UID=997):
            the command as an operator runs it, interpreter start-up, config and plan included
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from istio_vm import apply  # noqa: E402
+from istio_vm.iptables import apply  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "reference-vm"
 RULES = (DATA / "expected-v4.restore").read_text()

@@ -5,7 +5,7 @@
 Three parts, every one in network namespaces this script creates and deletes (also on failure):
 
 restart overhead  `istio-vm start run` (agent mode, ISTIO_CUSTOM_IP_TABLES=true, private netns, as in
-                  tests/service.py) supervises a "pilot-agent" that is a small static C program: it reads
+                  testbed/service.py) supervises a "pilot-agent" that is a small static C program: it reads
                   CLOCK_MONOTONIC first thing in main(), again just before _exit(1), and appends both to a file.
                   The backoff is fixed (ISTIO_VM_BACKOFF_INITIAL = ISTIO_VM_BACKOFF_MAX = 0.2 s). Overhead of
                   restart n = start(n+1) - exit(n) - backoff. Baseline: a minimal Python loop (posix_spawn,
@@ -18,7 +18,7 @@ idle cost         The supervisor process alone (not its child), from READY over 
                   alongside in the same window: `python -c 'import signal; signal.pause()'` and the same after
                   `import istio_vm.cli` (the import cost).
 requests lost     Envoy mode with the real Envoy behind the reference VM's iptables (installed by istio-vm
-                  start), an app on :8080 and HTTP load from a client namespace (tests/support/load.py: 2
+                  start), an app on :8080 and HTTP load from a client namespace (testbed/load.py: 2
                   keep-alive and 2 new-connection threads). (a) SIGHUP to the supervisor: failed requests from
                   the signal until the old epoch has exited and 50 more requests succeeded; baseline: SIGTERM to
                   Envoy itself, so the supervisor starts a fresh epoch 0 after the backoff (a plain restart).
@@ -53,13 +53,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from istio_vm import admin  # noqa: E402
-from tests.netns import VM_V4, Pair, pair  # noqa: E402
-from tests.service import Service, ensure_user, service  # noqa: E402
-from tests.support.app import App  # noqa: E402
-from tests.support.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm  # noqa: E402
-from tests.support.load import Load, LoadResult  # noqa: E402
-from tests.support.wait import children_named, process_gone, wait_for  # noqa: E402
+from istio_vm.service import proxy_admin  # noqa: E402
+from testbed.app import App  # noqa: E402
+from testbed.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm  # noqa: E402
+from testbed.load import Load, LoadResult  # noqa: E402
+from testbed.netns import VM_V4, Pair, pair  # noqa: E402
+from testbed.service import Service, ensure_user, service  # noqa: E402
+from testbed.wait import children_named, process_gone, wait_for  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -373,14 +373,14 @@ class EnvoyVm:
 
     def active_connections(self) -> int | None:
         with self.net.vm.entered():
-            return admin.active_connections(15000)
+            return proxy_admin.active_connections(15000)
 
     def leftover_envoys(self) -> list[int]:
         return envoys_with_base_id(self.base_id)
 
 @contextlib.contextmanager
 def envoy_vm(net: Pair, envoy: Path) -> Iterator[EnvoyVm]:
-    """`istio-vm start` in envoy mode in net.vm, as tests/test_start_envoy.py sets it up, started and READY."""
+    """`istio-vm start` in envoy mode in net.vm, as tests/system/test_start_envoy.py sets it up, started and READY."""
     base = base_id()
     try:
         with service(netns=net.vm.name) as svc, Notifications(svc) as notes:

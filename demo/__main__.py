@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from tests.netns import CLIENT_V4, VM_V4, Netns, pair
-from tests.support.app import App
-from tests.support.envoy import base_id, envoy_binary, remove_shm
-from tests.support.load import Load
-from tests.support.wait import wait_for
+from testbed.app import App
+from testbed.envoy import base_id, envoy_binary, remove_shm
+from testbed.load import Load
+from testbed.netns import CLIENT_V4, VM_V4, Netns, pair
+from testbed.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ISTIO_VM = Path(sys.executable).parent / "istio-vm"

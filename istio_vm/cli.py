@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from istio_vm import __version__, logs
+from istio_vm.config.sources import DEFAULT_RESOLV_CONF
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
-from istio_vm.ruleset import FORMATS
-from istio_vm.sources import DEFAULT_RESOLV_CONF
+from istio_vm.iptables.rules import FORMATS
 
 if TYPE_CHECKING:
-    from istio_vm import capture
-    from istio_vm.config import Config
+    from istio_vm.config.resolve import Config
+    from istio_vm.iptables import commands
 
 # Commands import what they use when they run: `iptables install` must not pay for Envoy's admin
 # client or the supervisor (start-up time is part of every install; see docs/benchmarks.md).
@@ -98,9 +98,9 @@ def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    from istio_vm.config import load
-    from istio_vm.host import read_host
-    from istio_vm.sources import Sources
+    from istio_vm.config.host import read_host
+    from istio_vm.config.resolve import load
+    from istio_vm.config.sources import Sources
 
     sources = Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
                       resolv_conf=args.resolv_conf)
@@ -111,17 +111,17 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_config(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import dump
+    from istio_vm.config import render
 
     config = load_config(args)
-    text = dump.render_json(config) if args.json else dump.render_text(config, show_source=args.show_source)
+    text = render.render_json(config) if args.json else render.render_text(config, show_source=args.show_source)
     sys.stdout.write(text)
     return ExitStatus.OK
 
 
 def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import explain
-    from istio_vm.plan import build_plan
+    from istio_vm.iptables import explain
+    from istio_vm.iptables.plan import build_plan
 
     config = load_config(args)
     sys.stdout.write(explain.render(build_plan(config.capture), args.format))
@@ -129,8 +129,8 @@ def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import explain
-    from istio_vm.plan import build_plan
+    from istio_vm.iptables import explain
+    from istio_vm.iptables.plan import build_plan
 
     config = load_config(args)
     sys.stdout.write(explain.explain(build_plan(config.capture), config))
@@ -138,32 +138,32 @@ def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_install(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import capture
+    from istio_vm.iptables import commands
 
-    capture.install(load_config(args))
+    commands.install(load_config(args))
     return ExitStatus.OK
 
 
 def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import capture
+    from istio_vm.iptables import commands
 
-    capture.clean(clean_settings(args))
+    commands.clean(clean_settings(args))
     return ExitStatus.OK
 
 
-def clean_settings(args: argparse.Namespace) -> capture.CleanSettings:
-    from istio_vm import capture
-    from istio_vm.sources import Sources, read_shell
+def clean_settings(args: argparse.Namespace) -> commands.CleanSettings:
+    from istio_vm.config.sources import Sources, read_shell
+    from istio_vm.iptables import commands
 
     shell = read_shell(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ,
                        os.geteuid())
-    return capture.CleanSettings.from_shell(shell)
+    return commands.CleanSettings.from_shell(shell)
 
 
 def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import capture
+    from istio_vm.iptables import commands
 
-    result = capture.check(load_config(args))
+    result = commands.check(load_config(args))
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
     elif result.drift:
@@ -183,28 +183,30 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from istio_vm import capture, compat, start
-    from istio_vm.config import load
-    from istio_vm.host import read_host
-    from istio_vm.sources import Sources
+    from istio_vm.config.host import read_host
+    from istio_vm.config.resolve import load
+    from istio_vm.config.sources import Sources
+    from istio_vm.config.start_args import parse_start_args
+    from istio_vm.iptables import commands
+    from istio_vm.service import start
 
-    start_args = compat.parse_start_args(args.start_args)
+    start_args = parse_start_args(args.start_args)
     if start_args.mode == "clean":
-        capture.clean(clean_settings(args))
+        commands.clean(clean_settings(args))
         return ExitStatus.OK
     config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host(),
                   overrides=start_args.overrides)
     logs.configure(logs.choose_target(config.supervision.log_target))
     for warning in config.warnings:
         log.warning("%s", warning)
-    return start.start(config, start_args.mode, install_iptables=capture.install)
+    return start.start(config, start_args.mode, install_iptables=commands.install)
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm import start
-    from istio_vm.config import load
-    from istio_vm.host import read_host
-    from istio_vm.sources import Sources
+    from istio_vm.config.host import read_host
+    from istio_vm.config.resolve import load
+    from istio_vm.config.sources import Sources
+    from istio_vm.service import start
 
     config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host())
     pid = start.running_pid(config.supervision.run_dir)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from istio_vm.settings import SETTINGS
+from istio_vm.config.settings import SETTINGS
 from tests import host_guard
 
 

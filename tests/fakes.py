@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from istio_vm.runner import Completed
+from istio_vm.iptables.runner import Completed
 
 Handler = Callable[[tuple[str, ...], str | None], Completed | None]
 

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
-from istio_vm.host import Address, Host, User
+from istio_vm.config.host import Address, Host, User
 
-DATA = Path(__file__).parent / "data"
-GOLDEN = Path(__file__).parent / "golden"
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+DATA = TESTS / "data"
+GOLDEN = TESTS / "golden"
+EXAMPLES = ROOT / "istio_vm" / "examples"
+
+
+def text(name: str) -> str:
+    """A file of tests/data, e.g. "reference-vm/expected-v4.restore"."""
+    return (DATA / name).read_text()
+
+
+def ip_commands(name: str) -> list[list[str]]:
+    """A JSON list of `ip` argv lists of tests/data."""
+    loaded: list[list[str]] = json.loads(text(name))
+    return loaded
+
+
+def hostname_first_ip(prefix: list[str]) -> str:
+    """`hostname --all-ip-addresses | cut -d ' ' -f 1`, as istio-start.sh ran it (after an optional argv prefix)."""
+    out = subprocess.run([*prefix, "hostname", "--all-ip-addresses"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split(" ")[0].strip()
 
 
 def check_golden(path: Path, actual: str, update: bool) -> None:

@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.make_golden
 
 Each file is one scenario's IPv4 dump (comments and counters dropped), per backend. The unit tests
-read them; test_golden_kernel.py checks that this machine's iptables still prints exactly them.
+read them; tests/kernel/test_apply_kernel.py checks that this machine's iptables still prints exactly them.
 """
 
 from __future__ import annotations
@@ -11,23 +11,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tests import kernel
-from tests.netns import Netns
+from istio_vm.iptables.backend import BACKENDS
+from testbed.netns import Netns
+from tests import netns_iptables
+from tests.helpers import DATA, text
 
-GOLDEN = kernel.DATA / "golden"
+GOLDEN = DATA / "golden"
 
 
 def _reference(ns: Netns, backend: str) -> None:
-    kernel.restore(ns, backend, 4, kernel.text("reference-vm/expected-v4.restore"))
+    netns_iptables.restore(ns, backend, 4, text("reference-vm/expected-v4.restore"))
 
 
 def _tproxy(ns: Netns, backend: str) -> None:
-    kernel.restore(ns, backend, 4, kernel.text("tproxy/v4.restore"))
+    netns_iptables.restore(ns, backend, 4, text("tproxy/v4.restore"))
 
 
 def _leftovers(ns: Netns, backend: str) -> None:
-    kernel.restore(ns, backend, 4, kernel.FOREIGN_V4)
-    kernel.leftovers_19(ns, backend)
+    netns_iptables.restore(ns, backend, 4, netns_iptables.FOREIGN_V4)
+    netns_iptables.leftovers_19(ns, backend)
 
 
 SCENARIOS: dict[str, Callable[[Netns, str], None]] = {
@@ -40,13 +42,13 @@ SCENARIOS: dict[str, Callable[[Netns, str], None]] = {
 def generate(scenario: str, backend: str) -> str:
     with Netns.temporary("golden") as ns:
         SCENARIOS[scenario](ns, backend)
-        return kernel.save(ns, backend, 4)
+        return netns_iptables.save(ns, backend, 4)
 
 
 def main() -> int:
     GOLDEN.mkdir(exist_ok=True)
     for scenario in SCENARIOS:
-        for backend in kernel.BACKENDS:
+        for backend in BACKENDS:
             (GOLDEN / f"{scenario}.{backend}.save").write_text(generate(scenario, backend))
     return 0
 

@@ -1,0 +1,1 @@
+"""The config wing (map to come)."""

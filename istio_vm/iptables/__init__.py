@@ -1,0 +1,1 @@
+"""The iptables wing (map to come)."""

@@ -1,0 +1,248 @@
+"""Install and clean Istio's capture rules atomically, with rollback to the snapshot on any failure.
+
+`install` reads one save per family (the snapshot), then writes one `iptables-restore --noflush`
+per family that has something to remove or add (removal of the Istio state found + the plan, per
+table) and runs the `ip` commands in one `ip -batch`. If anything fails, both families go back to
+the snapshot and applied `ip` commands are undone. `clean` is the same with an empty plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from istio_vm.errors import ApplyError
+from istio_vm.iptables import ip_batch, state
+from istio_vm.iptables import snapshot as snapshots
+from istio_vm.iptables.backend import PROC_NET, binary
+from istio_vm.iptables.found import find
+from istio_vm.iptables.ip_batch import IpCommand
+from istio_vm.iptables.restore_input import Input, compose, rollback_text
+from istio_vm.iptables.runner import Completed, CountingRunner, Runner, SubprocessRunner
+from istio_vm.iptables.saved import TextError, sections
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/run/istio-vm"
+WAIT_SECONDS = 30  # --wait=N: how long a legacy restore waits for the xtables lock (nft ignores it)
+RESTORE_TIMEOUT = WAIT_SECONDS + 30.0
+IP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyReport:
+    family: int
+    removed: tuple[str, ...]  # "table: -D/-F/-X ..." lines for the Istio state found
+    added: tuple[str, ...]  # "table: ..." plan lines
+    restore_input: str  # what was (or, in a dry run, would be) fed to iptables-restore; "" = not run
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What install or clean did: backend, per-family changes, ip commands, processes spawned."""
+
+    backend: str
+    backend_reason: str
+    families: tuple[FamilyReport, ...]
+    ip_applied: tuple[tuple[str, ...], ...] = ()  # ip argv run successfully (adds and dels)
+    commands: tuple[tuple[str, ...], ...] = ()  # every process spawned, in order
+    dry_run: bool = False
+
+    @property
+    def processes(self) -> int:
+        return len(self.commands)
+
+    def summary(self) -> str:
+        parts = [f"backend {self.backend} ({self.backend_reason})"]
+        for f in self.families:
+            parts.append(f"IPv{f.family}: {len(f.removed)} removal lines, {len(f.added)} plan lines"
+                         + ("" if f.restore_input else " (no restore needed)"))
+        if self.ip_applied:
+            parts.append(f"{len(self.ip_applied)} ip commands")
+        parts.append(f"{self.processes} processes" + (" (dry run)" if self.dry_run else ""))
+        return "; ".join(parts)
+
+
+InstallReport = Report
+CleanReport = Report
+
+
+@dataclass
+class _Progress:
+    """What has been written so far, so a rollback undoes exactly that."""
+
+    written: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)  # (family, tables)
+    ip_done: list[IpCommand] = field(default_factory=list)
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+def _restore_argv(backend: str, family: int, *extra: str) -> list[str]:
+    return [binary(backend, family, "restore"), *extra, f"--wait={WAIT_SECONDS}"]
+
+
+def _run_ip(runner: Runner, commands: Sequence[IpCommand], progress: _Progress) -> list[tuple[IpCommand, str]]:
+    """Run commands through `ip -force -batch -`; record what succeeded; return the failures."""
+    failures: list[tuple[IpCommand, str]] = []
+    for batch in ip_batch.batches(commands):
+        done = runner.run(batch.argv(), input=batch.text(), timeout=IP_TIMEOUT)
+        failed = ip_batch.failed_lines(done.stderr)
+        if not done.ok and not failed:  # killed or crashed: assume the worst (every add may have happened)
+            progress.ip_done += [c for c in batch.commands if c.verb == "add"]
+            failures += [(c, done.describe()) for c in batch.commands]
+            continue
+        for number, command in enumerate(batch.commands, start=1):
+            if number in failed:
+                failures.append((command, done.stderr.strip()))
+            else:
+                progress.ip_done.append(command)
+    return failures
+
+
+def _rollback(runner: Runner, snap: snapshots.Snapshot, progress: _Progress) -> list[str]:
+    """Put the written tables back as in the snapshot and undo applied ip commands; return errors."""
+    errors: list[str] = []
+    for family, tables in progress.written:
+        # Without --noflush each table is replaced whole by its snapshot section: exact, and atomic per table.
+        text = rollback_text(snap.saves[family], tables)
+        done = runner.run(_restore_argv(snap.backend, family), input=text, timeout=RESTORE_TIMEOUT)
+        if not done.ok:
+            errors.append(f"IPv{family}: {done.describe()}")
+    if progress.ip_done:
+        undo = [c.inverse() for c in reversed(progress.ip_done)]
+        for command, message in _run_ip(runner, undo, _Progress()):
+            errors.append(f"{command.line()}: {message}")
+    for message in errors:
+        log.error("rollback: %s", message)
+    return errors
+
+
+def _parse_ip(argvs: Sequence[Sequence[str]], what: str) -> list[IpCommand]:
+    try:
+        return [ip_batch.parse(argv) for argv in argvs]
+    except ValueError as e:
+        raise ApplyError(f"{what}: {e}") from None
+
+
+def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[IpCommand], *,
+           backend: str | None, previous: state.RunState, proc_net: str, dry_run: bool,
+           what: str) -> tuple[snapshots.Snapshot, dict[int, Input], _Progress]:
+    """The common body of install and clean: snapshot, compose, test, write, roll back on failure."""
+    for family, plan in plans.items():
+        try:
+            sections(plan)
+        except TextError as e:
+            raise ApplyError(f"IPv{family} plan: {e}") from None
+    optional = {6} if not plans.get(6, "").strip() else set()
+    snap = snapshots.take(runner, override=backend, recorded=previous.backend, optional=optional,
+                          proc_net=proc_net)
+    inputs = {family: compose(find(save), plans.get(family, "")) for family, save in snap.saves.items()}
+    for family, inp in inputs.items():
+        log.info("%s IPv%d: %d removal lines for the Istio state found, %d plan lines", what, family,
+                 len(inp.removed), len(inp.added))
+    progress = _Progress()
+    if dry_run:
+        return snap, inputs, progress
+    for family, inp in inputs.items():
+        # Each COMMIT is atomic on its own, so a restore touching one table either applies whole or
+        # changes nothing: no test needed. Spanning nat and mangle (TPROXY), the first table could
+        # commit before the second fails; `--test` first catches that before anything is written.
+        if inp.multi_table:
+            done = runner.run(_restore_argv(snap.backend, family, "--test", "--noflush"), input=inp.text,
+                              timeout=RESTORE_TIMEOUT)
+            if not done.ok:
+                raise ApplyError(f"{what}: IPv{family} rules rejected, nothing changed: {done.describe()}",
+                                 stderr=done.stderr)
+    try:
+        if ip_commands:
+            failures = [(c, m) for c, m in _run_ip(runner, ip_commands, progress) if c.verb == "add"]
+            if failures:
+                raise _Failed(f"ip {failures[0][0].line()} failed: {failures[0][1]}", failures[0][1])
+        for family, inp in inputs.items():
+            if not inp.text:
+                continue
+            progress.written.append((family, inp.tables))
+            done = runner.run(_restore_argv(snap.backend, family, "--noflush"), input=inp.text,
+                              timeout=RESTORE_TIMEOUT)
+            if not done.ok:
+                raise _Failed(f"IPv{family}: {done.describe()}", done.stderr)
+    except _Failed as failure:
+        errors = _rollback(runner, snap, progress)
+        raise ApplyError(f"{what} failed, {'host left as found' if not errors else 'ROLLBACK INCOMPLETE'}: "
+                         f"{failure}", stderr=failure.stderr,
+                         rollback_errors=tuple(errors)) from None
+    return snap, inputs, progress
+
+
+def _report(snap: snapshots.Snapshot, inputs: dict[int, Input], progress: _Progress, runner: CountingRunner,
+            dry_run: bool) -> Report:
+    families = tuple(FamilyReport(f, i.removed, i.added, i.text) for f, i in sorted(inputs.items()))
+    return Report(snap.backend, snap.reason, families, tuple(c.argv for c in progress.ip_done),
+                  tuple(c.argv for c in runner.calls), dry_run)
+
+
+def install(restore_v4: str, restore_v6: str, ip_commands: Sequence[Sequence[str]], *,
+            backend: str | None = None, run_dir: str = DEFAULT_RUN_DIR, runner: Runner | None = None,
+            dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+    """Replace the Istio state found on the host by the plan, atomically, in as few processes as possible.
+
+    restore_v4/restore_v6: Istio 1.9 restore texts ("" = nothing for that family); ip_commands: `ip`
+    argv lists (rule/route/address add). Raises ApplyError (host rolled back) on any failure.
+    """
+    counting = CountingRunner(runner or SubprocessRunner())
+    planned = _parse_ip(ip_commands, "ip command")
+    with state.locked(run_dir):
+        previous = state.read(run_dir)
+        recorded = _parse_ip(previous.ip_commands, f"{run_dir}/{state.STATE_FILE}")
+        batch = ip_batch.install_commands(recorded, planned) if (recorded or planned) else []
+        if not dry_run:  # record the intent first: a crash half-way still lets clean find the ip state
+            union = previous.ip_commands + tuple(c for c in state.commands(ip_commands)
+                                                 if c not in previous.ip_commands)
+            state.write(run_dir, state.RunState(backend or previous.backend, union))
+        try:
+            snap, inputs, progress = _apply(counting, {4: restore_v4, 6: restore_v6}, batch, backend=backend,
+                                            previous=previous, proc_net=proc_net, dry_run=dry_run,
+                                            what="install")
+        except ApplyError:
+            if not dry_run:
+                _restore_state(run_dir, previous)
+            raise
+        if not dry_run:
+            state.write(run_dir, state.RunState(snap.backend, state.commands(ip_commands)))
+    return _report(snap, inputs, progress, counting, dry_run)
+
+
+def clean(*, backend: str | None = None, run_dir: str = DEFAULT_RUN_DIR, runner: Runner | None = None,
+          dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+    """Remove the Istio state found on the host and the ip state recorded by the last install.
+
+    Idempotent: on a clean host it only reads (two saves). Raises ApplyError (rolled back) on failure.
+    """
+    counting = CountingRunner(runner or SubprocessRunner())
+    with state.locked(run_dir):
+        previous = state.read(run_dir)
+        recorded = _parse_ip(previous.ip_commands, f"{run_dir}/{state.STATE_FILE}")
+        snap, inputs, progress = _apply(counting, {4: "", 6: ""}, [], backend=backend, previous=previous,
+                                        proc_net=proc_net, dry_run=dry_run, what="clean")
+        if not dry_run:
+            undo = [c.inverse() for c in reversed(recorded) if c.verb == "add"]
+            for command, message in _run_ip(counting, undo, progress) if undo else []:
+                log.warning("clean: %s: %s (already gone?)", command.line(), message)
+            state.remove(run_dir)
+    return _report(snap, inputs, progress, counting, dry_run)
+
+
+def _restore_state(run_dir: str, previous: state.RunState) -> None:
+    if previous == state.RunState():
+        state.remove(run_dir)
+    else:
+        state.write(run_dir, previous)
+
+
+__all__ = ["DEFAULT_RUN_DIR", "CleanReport", "Completed", "FamilyReport", "InstallReport", "Report", "clean",
+           "install"]

@@ -1,0 +1,84 @@
+"""The iptables commands of istio-start.sh, on top of the rule plan and the apply engine.
+
+install = remove the Istio state found + install the plan (atomic per family, rolled back on failure);
+clean = remove what is found (needs no plan, so an edited env file cannot leave rules behind);
+verify = compare. All honour ISTIO_CUSTOM_IP_TABLES; install and clean honour DRY_RUN, and log
+1.9's 'Environment:'/'Variables:' dumps and the rules written at info level, as 1.9 did.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from istio_vm.config import render
+from istio_vm.config.resolve import Config, lenient
+from istio_vm.config.sources import Shell
+from istio_vm.iptables import apply
+from istio_vm.iptables.plan import build_plan
+
+if TYPE_CHECKING:
+    from istio_vm.iptables import verify
+
+log = logging.getLogger(__name__)
+CUSTOM = "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone"
+
+
+def install(config: Config) -> apply.Report | None:
+    if config.iptables.custom:
+        log.info(CUSTOM)
+        return None
+    for line in render.istio_dumps(config):
+        log.info("%s", line)
+    plan = build_plan(config.capture)
+    if config.iptables.skip_rule_apply:
+        log.info("SKIP_RULE_APPLY=true: no rules installed")
+        return None
+    report = apply.install(plan.restore(4), plan.restore(6), plan.ip_commands, backend=config.iptables.backend,
+                           run_dir=config.supervision.run_dir, dry_run=config.iptables.dry_run)
+    _log_report("install", report)
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class CleanSettings:
+    custom: bool
+    backend: str | None
+    run_dir: str
+    dry_run: bool
+
+    @classmethod
+    def from_shell(cls, shell: Shell) -> CleanSettings:
+        """From possibly broken env files: each setting if valid, else its default (and a warning)."""
+        values, problems = lenient(shell, "ISTIO_CUSTOM_IP_TABLES", "ISTIO_IPTABLES_BACKEND", "ISTIO_VM_RUN_DIR",
+                                   "DRY_RUN")
+        for problem in problems:
+            log.warning("ignored for clean: %s", problem)
+        return cls(values["ISTIO_CUSTOM_IP_TABLES"] == "true", values["ISTIO_IPTABLES_BACKEND"] or None,
+                   values["ISTIO_VM_RUN_DIR"], values["DRY_RUN"] in ("1", "t", "T", "TRUE", "true", "True"))
+
+
+def clean(settings: CleanSettings) -> apply.Report | None:
+    if settings.custom:
+        log.info(CUSTOM)
+        return None
+    report = apply.clean(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run)
+    _log_report("clean", report)
+    return report
+
+
+def check(config: Config) -> verify.VerifyResult:
+    from istio_vm.iptables import verify
+
+    plan = build_plan(config.capture)
+    return verify.verify(plan.restore(4), plan.restore(6), backend=config.iptables.backend,
+                         run_dir=config.supervision.run_dir)
+
+
+def _log_report(what: str, report: apply.Report) -> None:
+    log.info("iptables %s%s: %s", what, " (dry run: nothing changed)" if report.dry_run else "", report.summary())
+    for family in report.families:
+        if family.restore_input:
+            log.info("%s IPv%s input to iptables-restore:\n%s", "Would write" if report.dry_run else "Wrote",
+                     family.family, family.restore_input.rstrip())

@@ -1,0 +1,257 @@
+"""The rule plan: Istio 1.9.4's istio-iptables `run()`, ported step for step, without effects.
+
+`build_plan(capture)` returns the same rules in the same order as 1.9.4 (spec §2.2 and §2.3),
+asymmetries included, plus the `ip` commands 1.9 ran on the way. The private `_handle_*` steps
+keep Istio's names so the vectors of its unit tests can call them on a fresh `Builder`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from istio_vm.config.checks import split
+from istio_vm.config.resolve import Capture
+from istio_vm.iptables.rules import ALWAYS, Builder, Plan, Rule
+
+__all__ = ["ALWAYS", "Builder", "NetworkRange", "Plan", "Rule", "build_plan", "separate_v4_v6"]
+
+NAT, MANGLE = "nat", "mangle"
+INBOUND, REDIRECT, IN_REDIRECT, OUTPUT_CHAIN = "ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"
+DIVERT, TPROXY = "ISTIO_DIVERT", "ISTIO_TPROXY"
+DNS_PORT = "15053"  # the agent's DNS proxy; hard-coded in 1.9
+
+# The variables behind the rules (settings.py names), for Rule.setting.
+TUNNEL, ENVOY, CAPTURE = "INBOUND_TUNNEL_PORT", "ENVOY_PORT", "INBOUND_CAPTURE_PORT"
+UID, GID, DNS, KUBEVIRT = "PROXY_UID", "PROXY_GID", "REDIRECT_DNS", "KUBE_VIRT_INTERFACES"
+PORTS_IN, PORTS_IN_EXCLUDE = "ISTIO_INBOUND_PORTS", "ISTIO_LOCAL_EXCLUDE_PORTS"
+PORTS_OUT, PORTS_OUT_EXCLUDE = "ISTIO_OUTBOUND_PORTS", "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"
+CIDR_IN, CIDR_EXCLUDE = "ISTIO_SERVICE_CIDR", "ISTIO_SERVICE_EXCLUDE_CIDR"
+MODE, MARK = "ISTIO_INBOUND_INTERCEPTION_MODE", "ISTIO_INBOUND_TPROXY_MARK"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRange:
+    """Istio's NetworkRange: `ip_nets` hold Go's `ipNet.String()` (the masked network)."""
+
+    is_wildcard: bool = False
+    ip_nets: tuple[str, ...] = ()
+    has_loopback_ip: bool = False
+
+
+def separate_v4_v6(text: str) -> tuple[NetworkRange, NetworkRange]:
+    """Istio's separateV4V6: `*` is a wildcard for both; items Go cannot parse are skipped, as 1.9 did."""
+    if text == "*":
+        return NetworkRange(is_wildcard=True), NetworkRange(is_wildcard=True)
+    nets: dict[int, list[str]] = {4: [], 6: []}
+    loopback = {4: False, 6: False}
+    for item in split(text):
+        parsed = _parse_cidr(item)
+        if parsed is None:
+            continue
+        family, net, is_loopback = parsed
+        nets[family].append(net)
+        loopback[family] |= is_loopback
+    return (NetworkRange(False, tuple(nets[4]), loopback[4]),
+            NetworkRange(False, tuple(nets[6]), loopback[6]))
+
+
+def _parse_cidr(item: str) -> tuple[int, str, bool] | None:
+    """Go's net.ParseCIDR: (list it goes to, ipNet.String(), ip.IsLoopback()), or None where Go fails.
+
+    Go files an IPv4-mapped IPv6 address (::ffff:a.b.c.d) under IPv4 and prints a mapped network
+    in dotted form; Python's ipaddress does neither, and it also accepts forms Go rejects
+    (netmasks after the slash, %zone), hence the checks.
+    """
+    address, slash, length = item.partition("/")
+    if not slash or "%" in address or not (length.isascii() and length.isdigit()):
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    prefix = int(length)
+    if prefix > ip.max_prefixlen:
+        return None
+    network = ipaddress.ip_network((ip, prefix), strict=False)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return 4, str(network), ip.is_loopback
+    mapped = ip.ipv4_mapped
+    masked = network.network_address
+    assert isinstance(masked, ipaddress.IPv6Address)
+    masked_v4 = masked.ipv4_mapped
+    text = f"{masked_v4}/{prefix - 96}" if masked_v4 is not None else f"{masked.compressed}/{prefix}"
+    if mapped is not None:
+        return 4, text, mapped.is_loopback
+    return 6, text, ip == ipaddress.IPv6Address("::1")
+
+
+def build_plan(capture: Capture) -> Plan:
+    """run() of istio-iptables 1.9.4 (spec §2.2), recording instead of executing."""
+    b = Builder()
+    cfg = capture
+    ex4, ex6 = separate_v4_v6(cfg.outbound_ip_ranges_exclude)
+    if ex4.is_wildcard:  # config validation refuses it; 1.9 panicked here
+        raise ValueError("Invalid value for OUTBOUND_IP_RANGES_EXCLUDE")
+    in4, in6 = separate_v4_v6(cfg.outbound_ip_ranges_include)
+    if cfg.enable_inbound_ipv6:
+        b.run("ip", "-6", "addr", "add", "::6/128", "dev", "lo")
+    _short_circuit_kube_internal_interface(b, cfg)
+    b.append_v4(INBOUND, NAT, "-p", "tcp", "--dport", cfg.inbound_tunnel_port, "-j", "RETURN", setting=TUNNEL)
+    b.append_v4(REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.proxy_port, setting=ENVOY)
+    b.append_v4(IN_REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.inbound_capture_port,
+                setting=CAPTURE)
+    _handle_inbound_ports_include(b, cfg)
+
+    b.append_v4("OUTPUT", NAT, "-p", "tcp", "-j", OUTPUT_CHAIN)
+    for port in split(cfg.outbound_ports_exclude):
+        b.append_v4(OUTPUT_CHAIN, NAT, "-p", "tcp", "--dport", port, "-j", "RETURN", setting=PORTS_OUT_EXCLUDE)
+    b.append_v4(OUTPUT_CHAIN, NAT, "-o", "lo", "-s", "127.0.0.6/32", "-j", "RETURN")
+    loopback = in4.has_loopback_ip or in6.has_loopback_ip
+    dns = cfg.redirect_dns
+    not_dns = ("-p", "tcp", "!", "--dport", "53") if dns else ()
+    for uid in split(cfg.proxy_uid):
+        b.append_v4(OUTPUT_CHAIN, NAT, "-o", "lo", "!", "-d", "127.0.0.1/32", *not_dns, "-m", "owner",
+                    "--uid-owner", uid, "-j", IN_REDIRECT, setting=UID)
+        if not loopback:
+            b.append_v4(OUTPUT_CHAIN, NAT, "-o", "lo", *not_dns, "-m", "owner", "!",
+                        "--uid-owner", uid, "-j", "RETURN", setting=UID)
+        b.append_v4(OUTPUT_CHAIN, NAT, "-m", "owner", "--uid-owner", uid, "-j", "RETURN", setting=UID)
+    for gid in split(cfg.proxy_gid):
+        # Unlike the uid rule, 1.9 never excludes port 53 here.
+        b.append_v4(OUTPUT_CHAIN, NAT, "-o", "lo", "!", "-d", "127.0.0.1/32", "-m", "owner",
+                    "--gid-owner", gid, "-j", IN_REDIRECT, setting=GID)
+        if not loopback:
+            b.append_v4(OUTPUT_CHAIN, NAT, "-o", "lo", *not_dns, "-m", "owner", "!", "--gid-owner", gid,
+                        "-j", "RETURN", setting=GID)
+        b.append_v4(OUTPUT_CHAIN, NAT, "-m", "owner", "--gid-owner", gid, "-j", "RETURN", setting=GID)
+    if dns:
+        for server in cfg.dns_servers_v4:
+            b.append_v4(OUTPUT_CHAIN, NAT, "-p", "tcp", "--dport", "53", "-d", server + "/32", "-j", "REDIRECT",
+                        "--to-ports", DNS_PORT, setting=DNS)
+    b.append_v4(OUTPUT_CHAIN, NAT, "-d", "127.0.0.1/32", "-j", "RETURN")
+    for cidr in ex4.ip_nets:
+        b.append_v4(OUTPUT_CHAIN, NAT, "-d", cidr, "-j", "RETURN", setting=CIDR_EXCLUDE)
+    for port in split(cfg.outbound_ports_include):
+        b.append_v4(OUTPUT_CHAIN, NAT, "-p", "tcp", "--dport", port, "-j", REDIRECT, setting=PORTS_OUT)
+    _handle_inbound_ipv4_rules(b, cfg, in4)
+    if cfg.enable_inbound_ipv6:
+        _handle_inbound_ipv6_rules(b, cfg, ex6, in6)
+
+    if dns:  # into the built-in OUTPUT chain, after everything else (1.9's clean never removed them)
+        for uid in split(cfg.proxy_uid):
+            b.append_v4("OUTPUT", NAT, "-p", "udp", "--dport", "53", "-m", "owner", "--uid-owner", uid,
+                        "-j", "RETURN", setting=DNS)
+        for gid in split(cfg.proxy_gid):
+            b.append_v4("OUTPUT", NAT, "-p", "udp", "--dport", "53", "-m", "owner", "--gid-owner", gid,
+                        "-j", "RETURN", setting=DNS)
+        for server in cfg.dns_servers_v4:
+            b.append_v4("OUTPUT", NAT, "-p", "udp", "--dport", "53", "-d", server + "/32", "-j", "REDIRECT",
+                        "--to-port", DNS_PORT, setting=DNS)
+    if cfg.tproxy:
+        mark = cfg.inbound_tproxy_mark
+        b.append_v4("PREROUTING", MANGLE, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK",
+                    "--save-mark", setting=MODE)
+        b.append_v4("OUTPUT", MANGLE, "-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK",
+                    "--restore-mark", setting=MODE)
+        b.insert_v4(INBOUND, MANGLE, 1, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN", setting=MODE)
+    return b.plan()
+
+
+def _short_circuit_kube_internal_interface(b: Builder, cfg: Capture) -> None:
+    for interface in split(cfg.kubevirt_interfaces):
+        b.insert_v4("PREROUTING", NAT, 1, "-i", interface, "-j", "RETURN", setting=KUBEVIRT)
+        if cfg.enable_inbound_ipv6:
+            b.insert_v6("PREROUTING", NAT, 1, "-i", interface, "-j", "RETURN", setting=KUBEVIRT)
+
+
+def _handle_inbound_ports_include(b: Builder, cfg: Capture) -> None:
+    if cfg.inbound_ports_include == "":
+        return
+    table = NAT
+    if cfg.tproxy:
+        table, mark, route_table = MANGLE, cfg.inbound_tproxy_mark, cfg.inbound_tproxy_route_table
+        b.append_v4(DIVERT, MANGLE, "-j", "MARK", "--set-mark", mark, setting=MARK)
+        b.append_v4(DIVERT, MANGLE, "-j", "ACCEPT", setting=MODE)
+        b.run("ip", "-f", "inet", "rule", "add", "fwmark", mark, "lookup", route_table)
+        # 1.9 ran `ip route show table all` only when this failed: an outcome, not part of the plan.
+        b.run("ip", "-f", "inet", "route", "add", "local", "default", "dev", "lo", "table", route_table)
+        b.append_v4(TPROXY, MANGLE, "!", "-d", "127.0.0.1/32", "-p", "tcp", "-j", "TPROXY", "--tproxy-mark",
+                    mark + "/0xffffffff", "--on-port", cfg.inbound_capture_port, setting=MODE)
+    b.append_v4("PREROUTING", table, "-p", "tcp", "-j", INBOUND, setting=PORTS_IN)
+    if cfg.inbound_ports_include == "*":
+        b.append_v4(INBOUND, table, "-p", "tcp", "--dport", "22", "-j", "RETURN", setting=PORTS_IN)
+        for port in split(cfg.inbound_ports_exclude):
+            b.append_v4(INBOUND, table, "-p", "tcp", "--dport", port, "-j", "RETURN", setting=PORTS_IN_EXCLUDE)
+        if cfg.tproxy:
+            b.append_v4(INBOUND, MANGLE, "-p", "tcp", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+                        "-j", DIVERT, setting=PORTS_IN)
+            b.append_v4(INBOUND, MANGLE, "-p", "tcp", "-j", TPROXY, setting=PORTS_IN)
+        else:
+            b.append_v4(INBOUND, NAT, "-p", "tcp", "-j", IN_REDIRECT, setting=PORTS_IN)
+        return
+    for port in split(cfg.inbound_ports_include):
+        if cfg.tproxy:
+            b.append_v4(INBOUND, MANGLE, "-p", "tcp", "--dport", port, "-m", "conntrack", "--ctstate",
+                        "RELATED,ESTABLISHED", "-j", DIVERT, setting=PORTS_IN)
+            b.append_v4(INBOUND, MANGLE, "-p", "tcp", "--dport", port, "-j", TPROXY, setting=PORTS_IN)
+        else:
+            b.append_v4(INBOUND, NAT, "-p", "tcp", "--dport", port, "-j", IN_REDIRECT, setting=PORTS_IN)
+
+
+def _handle_inbound_ipv4_rules(b: Builder, cfg: Capture, in4: NetworkRange) -> None:
+    """The outbound include tail of ISTIO_OUTPUT (Istio's name for it, despite the word inbound)."""
+    interfaces = split(cfg.kubevirt_interfaces)
+    if in4.is_wildcard:
+        b.append_v4(OUTPUT_CHAIN, NAT, "-j", REDIRECT, setting=CIDR_IN)
+        for interface in interfaces:
+            b.insert_v4("PREROUTING", NAT, 1, "-i", interface, "-j", REDIRECT, setting=KUBEVIRT)
+    elif in4.ip_nets:
+        for cidr in in4.ip_nets:
+            for interface in interfaces:
+                b.insert_v4("PREROUTING", NAT, 1, "-i", interface, "-d", cidr, "-j", REDIRECT, setting=KUBEVIRT)
+            b.append_v4(OUTPUT_CHAIN, NAT, "-d", cidr, "-j", REDIRECT, setting=CIDR_IN)
+        b.append_v4(OUTPUT_CHAIN, NAT, "-j", "RETURN", setting=CIDR_IN)
+
+
+def _handle_inbound_ipv6_rules(b: Builder, cfg: Capture, ex6: NetworkRange, in6: NetworkRange) -> None:
+    """The whole IPv6 list (spec §2.3): nat only, REDIRECT even in TPROXY mode, no DNS, no port include."""
+    b.append_v6(INBOUND, NAT, "-p", "tcp", "--dport", cfg.inbound_tunnel_port, "-j", "RETURN", setting=TUNNEL)
+    b.append_v6(REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.proxy_port, setting=ENVOY)
+    b.append_v6(IN_REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.inbound_capture_port,
+                setting=CAPTURE)
+    if cfg.inbound_ports_include != "":
+        b.append_v6("PREROUTING", NAT, "-p", "tcp", "-j", INBOUND, setting=PORTS_IN)
+        if cfg.inbound_ports_include == "*":
+            b.append_v6(INBOUND, NAT, "-p", "tcp", "--dport", "22", "-j", "RETURN", setting=PORTS_IN)
+            for port in split(cfg.inbound_ports_exclude):
+                b.append_v6(INBOUND, NAT, "-p", "tcp", "--dport", port, "-j", "RETURN", setting=PORTS_IN_EXCLUDE)
+            b.append_v6(INBOUND, NAT, "-p", "tcp", "-j", IN_REDIRECT, setting=PORTS_IN)
+        else:
+            for port in split(cfg.inbound_ports_include):
+                b.append_v6(INBOUND, NAT, "-p", "tcp", "--dport", port, "-j", IN_REDIRECT, setting=PORTS_IN)
+    b.append_v6("OUTPUT", NAT, "-p", "tcp", "-j", OUTPUT_CHAIN)
+    for port in split(cfg.outbound_ports_exclude):
+        b.append_v6(OUTPUT_CHAIN, NAT, "-p", "tcp", "--dport", port, "-j", "RETURN", setting=PORTS_OUT_EXCLUDE)
+    b.append_v6(OUTPUT_CHAIN, NAT, "-o", "lo", "-s", "::6/128", "-j", "RETURN")
+    for owner, ids, setting in (("--uid-owner", cfg.proxy_uid, UID), ("--gid-owner", cfg.proxy_gid, GID)):
+        for owner_id in split(ids):
+            b.append_v6(OUTPUT_CHAIN, NAT, "-o", "lo", "!", "-d", "::1/128", "-m", "owner", owner, owner_id,
+                        "-j", IN_REDIRECT, setting=setting)
+            b.append_v6(OUTPUT_CHAIN, NAT, "-o", "lo", "-m", "owner", "!", owner, owner_id, "-j", "RETURN",
+                        setting=setting)
+            b.append_v6(OUTPUT_CHAIN, NAT, "-m", "owner", owner, owner_id, "-j", "RETURN", setting=setting)
+    b.append_v6(OUTPUT_CHAIN, NAT, "-d", "::1/128", "-j", "RETURN")
+    for cidr in ex6.ip_nets:
+        b.append_v6(OUTPUT_CHAIN, NAT, "-d", cidr, "-j", "RETURN", setting=CIDR_EXCLUDE)
+    interfaces = split(cfg.kubevirt_interfaces)
+    if in6.is_wildcard:
+        b.append_v6(OUTPUT_CHAIN, NAT, "-j", REDIRECT, setting=CIDR_IN)
+        for interface in interfaces:  # RETURN here, where IPv4 jumps to ISTIO_REDIRECT
+            b.insert_v6("PREROUTING", NAT, 1, "-i", interface, "-j", "RETURN", setting=KUBEVIRT)
+    elif in6.ip_nets:
+        for cidr in in6.ip_nets:
+            for interface in interfaces:
+                b.insert_v6("PREROUTING", NAT, 1, "-i", interface, "-d", cidr, "-j", REDIRECT, setting=KUBEVIRT)
+            b.append_v6(OUTPUT_CHAIN, NAT, "-d", cidr, "-j", REDIRECT, setting=CIDR_IN)
+        b.append_v6(OUTPUT_CHAIN, NAT, "-j", "RETURN", setting=CIDR_IN)

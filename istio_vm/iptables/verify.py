@@ -1,0 +1,127 @@
+"""Compare the live Istio rules of the host with the planned restore texts: match, or drift with a diff.
+
+Both sides are compared in canonical `iptables-save` form. Rather than re-implement iptables'
+normalisation (option order, `-m tcp`, `--to-port` -> `--to-ports`, 1337 -> 0x539, default masks...),
+the plan is loaded into a private scratch network namespace with the same backend and saved there:
+iptables normalises it exactly as it normalised the live rules. Exit status: 0 match, 1 drift.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import sys
+from dataclasses import dataclass
+
+from istio_vm.errors import ApplyError
+from istio_vm.iptables import snapshot as snapshots
+from istio_vm.iptables import state
+from istio_vm.iptables.backend import PROC_NET
+from istio_vm.iptables.found import everything, find
+from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
+from istio_vm.iptables.saved import TextError, sections
+
+SCRATCH_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyVerdict:
+    family: int
+    planned: tuple[str, ...]  # Istio-owned state of the plan, canonical, table by table
+    live: tuple[str, ...]  # Istio-owned state found on the host, same form
+
+    @property
+    def drift(self) -> bool:
+        return self.planned != self.live
+
+    def missing(self) -> list[str]:
+        """Planned lines absent from the host (counting duplicates)."""
+        return _counted_difference(self.planned, self.live)
+
+    def unexpected(self) -> list[str]:
+        """Live lines the plan does not have (counting duplicates), e.g. 1.9's piled-up DNS rules."""
+        return _counted_difference(self.live, self.planned)
+
+
+def _counted_difference(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
+    extra = collections.Counter(a) - collections.Counter(b)
+    out = []
+    for line in a:
+        if extra[line] > 0:
+            out.append(line)
+            extra[line] -= 1
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    backend: str
+    families: tuple[FamilyVerdict, ...]
+    processes: int
+
+    @property
+    def drift(self) -> bool:
+        return any(f.drift for f in self.families)
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.drift else 0
+
+    def diff(self) -> str:
+        """A unified diff, planned -> live, of each drifting family ("" when everything matches)."""
+        out: list[str] = []
+        for f in self.families:
+            if f.drift:
+                out += difflib.unified_diff(f.planned, f.live, f"planned IPv{f.family}", f"live IPv{f.family}",
+                                            lineterm="", n=2)
+        return "\n".join(out) + ("\n" if out else "")
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "drift": self.drift,
+            "backend": self.backend,
+            "processes": self.processes,
+            "families": {str(f.family): {"drift": f.drift, "missing": f.missing(), "unexpected": f.unexpected(),
+                                         "order_differs": f.drift and not f.missing() and not f.unexpected(),
+                                         "planned": list(f.planned), "live": list(f.live)}
+                         for f in self.families},
+        }, indent=2)
+
+
+def canonical(runner: Runner, backend: str, plans: dict[int, str]) -> dict[int, str]:
+    """The plans as `iptables-save` prints them, from a scratch network namespace (one process tree)."""
+    if not any(text.strip() for text in plans.values()):
+        return dict.fromkeys(plans, "")
+    payload = json.dumps({str(family): text for family, text in plans.items()})
+    done = runner.run(["unshare", "--net", "--", sys.executable, "-m", "istio_vm.iptables.canonical_netns", backend],
+                      input=payload, timeout=SCRATCH_TIMEOUT)
+    if not done.ok:
+        raise ApplyError(f"cannot load the planned rules into a scratch namespace: {done.describe()}",
+                         stderr=done.stderr)
+    return {int(family): text for family, text in json.loads(done.stdout).items()}
+
+
+def verify(restore_v4: str, restore_v6: str, *, backend: str | None = None, runner: Runner | None = None,
+           run_dir: str | None = None, proc_net: str = PROC_NET) -> VerifyResult:
+    """Compare the host's Istio rules (both families) with the plan; nothing is changed.
+
+    backend: as for install (None: the one recorded in run_dir, else detected). Processes: the two
+    saves (plus a legacy look when detection needs it) and one scratch-namespace run.
+    """
+    counting = CountingRunner(runner or SubprocessRunner())
+    plans = {4: restore_v4, 6: restore_v6}
+    for family, plan in plans.items():
+        try:
+            sections(plan)
+        except TextError as e:
+            raise ApplyError(f"IPv{family} plan: {e}") from None
+    recorded = state.read(run_dir).backend if run_dir else None
+    snap = snapshots.take(counting, override=backend, recorded=recorded,
+                          optional={6} if not restore_v6.strip() else set(), proc_net=proc_net)
+    planned = canonical(counting, snap.backend, plans)
+    verdicts = tuple(
+        FamilyVerdict(family, tuple(everything(planned.get(family, "")).view()),
+                      tuple(find(snap.saves.get(family, "")).view()))
+        for family in (4, 6))
+    return VerifyResult(snap.backend, verdicts, len(counting.calls))

@@ -1,0 +1,1 @@
+"""The service wing (map to come)."""

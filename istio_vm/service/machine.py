@@ -1,0 +1,342 @@
+"""The proxy's lifecycle as an explicit state machine: epochs, readiness, backoff, crash loop, drain.
+
+Pure logic: the daemon loop tells it what happened (spawned, ready, exited, a signal, time passed)
+and carries out the actions it answers with. Time comes from an injected monotonic clock, so every
+deadline is testable without sleeping.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from istio_vm.errors import ExitStatus
+from istio_vm.service.exits import describe_exit, exited_cleanly
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"  # current epoch spawned, not ready yet
+    RUNNING = "running"  # current epoch ready
+    RELOADING = "reloading"  # envoy hot restart: the next epoch starts while the old one serves
+    BACKOFF = "backoff"  # waiting before the next epoch after an exit
+    DRAINING = "draining"  # stop requested: envoy drains its listeners
+    STOPPING = "stopping"  # the proxy was told to exit; waiting for it
+    STOPPED = "stopped"  # done: exit_status is final
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    hot_restart: bool = False  # envoy mode: SIGHUP starts the next epoch beside the running one
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    backoff_reset: float = 60.0  # an epoch up this long was stable: the next delay starts over
+    max_restarts: int = 5
+    restart_window: float = 300.0
+    termination_drain: float = 5.0
+    stop_timeout: float = 10.0
+    probe_interval: float = 0.5  # readiness probes while an epoch starts
+    poll_interval: float = 0.25  # active-connection polls while draining
+
+
+# Actions the daemon loop carries out.
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    epoch: int
+    restart_epoch: int  # envoy's --restart-epoch: the parent's + 1 for a hot restart, else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    pid: int
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class KillTree:
+    """SIGKILL the epoch's process group and every untracked descendant of the supervisor."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """envoy: fail health checks and drain listeners gracefully (admin API)."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReady:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class CountConnections:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    message: str  # sd_notify(3) text, e.g. "READY=1", "STATUS=..."
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    status: int
+
+
+Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify | Exit
+
+
+@dataclass(slots=True)
+class Epoch:
+    number: int
+    restart_epoch: int
+    started: float
+    pid: int | None = None
+    ready: bool = False
+
+
+@dataclass(slots=True)
+class Supervisor:
+    """One proxy, one epoch at a time (two during an envoy hot restart)."""
+
+    policy: Policy
+    clock: Callable[[], float] = time.monotonic
+    state: State = State.STARTING
+    exit_status: int | None = None
+    current: Epoch | None = None
+    epochs: dict[int, Epoch] = field(default_factory=dict)  # running epochs by pid
+    restarts: int = 0
+    _next_epoch: int = 0
+    _failures: deque[float] = field(default_factory=deque)  # exit times within restart_window
+    _consecutive: int = 0
+    _deadline: float | None = None  # backoff end, drain end or stop end, by state
+    _next_probe: float | None = None
+    _notified_ready: bool = False
+    _forced: bool = False  # the tree had to be killed
+
+    # ---- events -----------------------------------------------------------------------------
+    def start(self) -> list[Action]:
+        return self._spawn(restart_epoch=0)
+
+    def spawned(self, epoch: int, pid: int) -> list[Action]:
+        record = self._epoch_by_number(epoch)
+        record.pid = pid
+        self.epochs[pid] = record
+        log.info("Epoch %s starting, pid %s", epoch, pid,
+                 extra={"ISTIO_EVENT": "start", "ISTIO_EPOCH": epoch, "ISTIO_CHILD_PID": pid})
+        return [self._status()]
+
+    def spawn_failed(self, epoch: int, reason: str) -> list[Action]:
+        """The epoch could not even be started (e.g. the binary is missing): like an exit."""
+        record = self._epoch_by_number(epoch)
+        log.error("Epoch %s could not start: %s", epoch, reason, extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": epoch})
+        return self._lost(record, reason)
+
+    def ready(self, epoch: int) -> list[Action]:
+        record = self.current
+        if record is None or record.number != epoch or record.ready:
+            return []
+        record.ready = True
+        self._next_probe = None
+        log.info("Epoch %s ready, pid %s", epoch, record.pid,
+                 extra={"ISTIO_EVENT": "ready", "ISTIO_EPOCH": epoch, "ISTIO_CHILD_PID": record.pid})
+        actions: list[Action] = []
+        if self.state in (State.STARTING, State.RELOADING):
+            self.state = State.RUNNING
+            self._notified_ready = True
+            actions.append(Notify("READY=1"))
+        actions.append(self._status())
+        return actions
+
+    def exited(self, pid: int, status: int) -> list[Action]:
+        record = self.epochs.pop(pid, None)
+        if record is None:
+            return []  # an orphan the supervisor reaped as subreaper: nothing to decide
+        reason = describe_exit(status)
+        extra = {"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number, "ISTIO_CHILD_PID": pid}
+        if self.state in (State.DRAINING, State.STOPPING):
+            log.info("Epoch %s exited: %s", record.number, reason, extra=extra)
+            leftovers = KillTree(pid)  # e.g. an Envoy that pilot-agent left behind
+            if self.epochs:
+                return [leftovers, self._status()]
+            return [leftovers, *self._finish(clean=not self._forced and exited_cleanly(status))]
+        if record is not self.current:
+            level = logging.INFO if exited_cleanly(status) else logging.WARNING
+            log.log(level, "Epoch %s (previous) exited: %s", record.number, reason, extra=extra)
+            return [self._status()]
+        log.error("Epoch %s exited: %s", record.number, reason, extra=extra)
+        return self._lost(record, reason)
+
+    def terminate(self) -> list[Action]:
+        """SIGTERM or SIGINT: drain, then stop; a second one shortens the drain."""
+        now = self.clock()
+        if self.state is State.STOPPED:
+            return []
+        if self.state in (State.DRAINING, State.STOPPING):
+            log.warning("Second stop request: shortening the drain", extra={"ISTIO_EVENT": "drain"})
+            if self.state is State.DRAINING:
+                return self._stop_now(now)
+            self._forced = True
+            return [KillTree(pid) for pid in self.epochs]
+        live = list(self.epochs)
+        self.current = None
+        if not live:
+            log.info("Stop requested while no proxy runs", extra={"ISTIO_EVENT": "drain"})
+            return [Notify("STOPPING=1"), *self._finish(clean=True)]
+        actions: list[Action] = [Notify("STOPPING=1")]
+        if self.policy.hot_restart:
+            self.state = State.DRAINING
+            self._deadline = now + self.policy.termination_drain
+            self._next_probe = now
+            log.info("Draining: listeners drain for up to %.1fs", self.policy.termination_drain,
+                     extra={"ISTIO_EVENT": "drain"})
+            actions += [Drain(pid) for pid in live]
+        else:
+            # pilot-agent drains Envoy itself on SIGTERM (for TERMINATION_DRAIN_DURATION).
+            self.state = State.STOPPING
+            self._deadline = now + self.policy.termination_drain + self.policy.stop_timeout
+            log.info("Stopping: SIGTERM to pilot-agent, which drains Envoy for %.1fs",
+                     self.policy.termination_drain, extra={"ISTIO_EVENT": "drain"})
+            actions += [Signal(pid, signal.SIGTERM) for pid in live]
+        actions.append(self._status())
+        return actions
+
+    def reload(self) -> list[Action]:
+        """SIGHUP: envoy mode starts the next epoch as a hot restart; agent mode has none."""
+        if not self.policy.hot_restart:
+            log.warning("SIGHUP ignored: pilot-agent has no hot restart (use systemctl restart)")
+            return []
+        if self.state is not State.RUNNING or self.current is None:
+            log.warning("Reload ignored while %s", self.state)
+            return []
+        if len(self.epochs) > 1:
+            # A third Envoy would terminate the draining one at once, cutting its connections.
+            log.warning("Reload ignored: the previous epoch is still handing over (ENVOY_PARENT_SHUTDOWN_TIME_S)")
+            return []
+        self.state = State.RELOADING
+        log.info("Hot restart: starting epoch %s beside epoch %s", self._next_epoch, self.current.number,
+                 extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
+        return [Notify("RELOADING=1"), *self._spawn(restart_epoch=self.current.restart_epoch + 1)]
+
+    def connections(self, count: int | None) -> list[Action]:
+        """Active downstream connections while draining (None: unknown, wait for the deadline)."""
+        if self.state is not State.DRAINING or count is None or count > 0:
+            return []
+        log.info("Drained: no active connections left", extra={"ISTIO_EVENT": "drain"})
+        return self._stop_now(self.clock())
+
+    def tick(self) -> list[Action]:
+        """Act on deadlines that have passed."""
+        now = self.clock()
+        actions: list[Action] = []
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            if self.state is State.BACKOFF:
+                actions += self._spawn(restart_epoch=0)
+            elif self.state is State.DRAINING:
+                log.info("Drain period of %.1fs over", self.policy.termination_drain, extra={"ISTIO_EVENT": "drain"})
+                actions += self._stop_now(now)
+            elif self.state is State.STOPPING:
+                log.warning("The proxy did not exit within %.1fs: killing its process tree",
+                            self.policy.stop_timeout, extra={"ISTIO_EVENT": "drain"})
+                self._forced = True
+                actions += [KillTree(pid) for pid in self.epochs]
+        if self._next_probe is not None and now >= self._next_probe:
+            if self.state is State.DRAINING:
+                self._next_probe = now + self.policy.poll_interval
+                actions += [CountConnections(pid) for pid in self.epochs]
+            elif self.current is not None and not self.current.ready:
+                self._next_probe = now + self.policy.probe_interval
+                actions.append(ProbeReady(self.current.number))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When tick() has work next; None means: sleep until something happens."""
+        times = [t for t in (self._deadline, self._next_probe) if t is not None]
+        return min(times) if times else None
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _spawn(self, restart_epoch: int) -> list[Action]:
+        now = self.clock()
+        record = Epoch(self._next_epoch, restart_epoch, now)
+        self._next_epoch += 1
+        self.current = record
+        if self.state is not State.RELOADING:
+            self.state = State.STARTING
+        self._next_probe = now + self.policy.probe_interval
+        return [Spawn(record.number, restart_epoch)]
+
+    def _epoch_by_number(self, number: int) -> Epoch:
+        if self.current is not None and self.current.number == number:
+            return self.current
+        raise ValueError(f"epoch {number} is not the current epoch")
+
+    def _lost(self, record: Epoch, reason: str) -> list[Action]:
+        """The current epoch is gone: fall back to the previous one, restart later, or give up."""
+        now = self.clock()
+        survivors = sorted(self.epochs.values(), key=lambda e: e.number)
+        actions: list[Action] = [] if record.pid is None else [KillTree(record.pid)]
+        if self.state is State.RELOADING and survivors:
+            self.current = survivors[-1]
+            self.state = State.RUNNING
+            log.error("Hot restart to epoch %s failed (%s); epoch %s keeps serving", record.number, reason,
+                      self.current.number, extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": record.number})
+            return [*actions, Notify("READY=1"), self._status()]
+        self._failures.append(now)
+        while self._failures and self._failures[0] < now - self.policy.restart_window:
+            self._failures.popleft()
+        if len(self._failures) > self.policy.max_restarts:
+            log.error("Giving up: %s exits within %.0fs (ISTIO_VM_MAX_RESTARTS=%s); last: %s",
+                      len(self._failures), self.policy.restart_window, self.policy.max_restarts, reason,
+                      extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number})
+            self.current = None
+            return [*actions, *[KillTree(pid) for pid in self.epochs], *self._finish(status=ExitStatus.CRASH_LOOP)]
+        stable = now - record.started >= self.policy.backoff_reset
+        self._consecutive = 1 if stable else self._consecutive + 1
+        delay = min(self.policy.backoff_initial * 2 ** (self._consecutive - 1), self.policy.backoff_max)
+        self.state = State.BACKOFF
+        self.current = None
+        self.restarts += 1
+        self._deadline = now + delay
+        self._next_probe = None
+        log.warning("Restarting in %.1fs (restart %s)", delay, self.restarts,
+                    extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
+        return [*actions, self._status()]
+
+    def _stop_now(self, now: float) -> list[Action]:
+        self.state = State.STOPPING
+        self._deadline = now + self.policy.stop_timeout
+        self._next_probe = None
+        return [*[Signal(pid, signal.SIGTERM) for pid in self.epochs], self._status()]
+
+    def _finish(self, *, clean: bool = True, status: int | None = None) -> list[Action]:
+        if status is None:
+            status = ExitStatus.OK if clean else ExitStatus.FAILURE
+        self.state = State.STOPPED
+        self.exit_status = status
+        self._deadline = self._next_probe = None
+        return [self._status(), Exit(status)]
+
+    def _status(self) -> Notify:
+        return Notify(f"STATUS={self.status_text()}")
+
+    def status_text(self) -> str:
+        restarts = f"{self.restarts} restart{'' if self.restarts == 1 else 's'}"
+        record = self.current
+        if self.state in (State.STARTING, State.RUNNING) and record is not None:
+            return f"epoch {record.number} {self.state}, pid {record.pid}, {restarts}"
+        if self.state is State.RELOADING and record is not None:
+            return f"epoch {record.number} starting (hot restart), pid {record.pid}, {restarts}"
+        if self.state is State.BACKOFF:
+            return f"waiting to start epoch {self._next_epoch}, {restarts}"
+        pids = ", ".join(str(p) for p in sorted(self.epochs)) or "none"
+        return f"{self.state}, pids {pids}, {restarts}"

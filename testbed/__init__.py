@@ -1,0 +1,1 @@
+"""The test bed: network namespaces, the service under test, Envoy, load, containers."""

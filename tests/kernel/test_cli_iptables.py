@@ -1,0 +1,132 @@
+"""`istio-vm iptables install|clean|verify` end to end, as a process in a private network namespace."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.netns import Netns
+from tests import netns_iptables
+from tests.helpers import DATA
+
+REFERENCE = DATA / "reference-vm"
+ISTIO_VM = str(Path(sys.executable).parent / "istio-vm")
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")]
+
+
+class Vm:
+    def __init__(self, ns: Netns, workdir: Path) -> None:
+        self.ns, self.workdir = ns, workdir
+        self.env = {"PATH": os.environ["PATH"], "PROXY_UID": "997", "ISTIO_VM_RUN_DIR": str(workdir / "run"),
+                    "ENVOY_USER": "root", "EXEC_USER": "root"}
+
+    def write(self, text: str) -> None:
+        path = self.workdir / "cluster.env"
+        path.write_text(text)
+        path.chmod(0o644)
+
+    def istio_vm(self, *args: str, check: int | None = 0) -> tuple[int, str, str]:
+        import subprocess
+
+        done = subprocess.run(["ip", "netns", "exec", self.ns.name, ISTIO_VM, "--sidecar-env", "/nonexistent",
+                               "--cluster-env", str(self.workdir / "cluster.env"), *args],
+                              env=self.env, capture_output=True, text=True, timeout=60, check=False)
+        if check is not None:
+            assert done.returncode == check, done.stderr
+        return done.returncode, done.stdout, done.stderr
+
+    def save(self) -> dict[str, str]:
+        return netns_iptables.state(self.ns, "nft")
+
+
+@pytest.fixture
+def vm() -> Iterator[Vm]:
+    with Netns.temporary("cli") as ns, tempfile.TemporaryDirectory(prefix="istio-vm-cli-") as workdir:
+        ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        ns.ip("addr", "add", "10.98.0.2/24", "dev", "eth0")
+        yield Vm(ns, Path(workdir))
+
+
+def reference_env() -> str:
+    return (REFERENCE / "cluster.env").read_text()
+
+
+def test_install_verify_drift_clean(vm: Vm) -> None:
+    vm.write(reference_env())
+    before = vm.save()
+    _, _, err = vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    assert "PROXY_UID=997" in err  # 1.9's Variables: dump, logged
+    assert "Wrote IPv4 input to iptables-restore" in err
+    assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in err
+    _, out, _ = vm.istio_vm("iptables", "verify", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    assert out == ""
+    vm.ns.run("iptables", "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "8080",
+              "-j", "ISTIO_IN_REDIRECT")
+    _status, out, err = vm.istio_vm("iptables", "verify", "--resolv-conf", str(REFERENCE / "resolv.conf"), check=1)
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT" in out
+    assert "drifted" in err
+    vm.istio_vm("iptables", "clean")
+    assert vm.save() == before
+
+
+def test_clean_works_with_a_broken_env_file_and_is_idempotent(vm: Vm) -> None:
+    vm.write(reference_env())
+    before = vm.save()
+    vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    vm.write(reference_env() + "ENVOY_PORT=not-a-port\nISTIO_SERVICE=$(reboot)\nISTIO_IPTABLES_BACKEND=nftables\n")
+    _, _, err = vm.istio_vm("iptables", "clean")
+    assert "ignored for clean: " in err
+    assert "ISTIO_IPTABLES_BACKEND='nftables'" in err
+    assert "command substitution $(...) is never executed" in err
+    assert vm.save() == before
+    vm.istio_vm("iptables", "clean")  # nothing left: still succeeds
+    assert vm.save() == before
+
+
+def test_bad_value_never_reaches_iptables(vm: Vm) -> None:
+    vm.write(reference_env())
+    vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    installed = vm.save()
+    vm.write(reference_env() + "ISTIO_INBOUND_INTERCEPTION_MODE=TPROXI\n")
+    _, _, err = vm.istio_vm("iptables", "install", check=78)
+    assert "ISTIO_INBOUND_INTERCEPTION_MODE='TPROXI': must be REDIRECT or TPROXY" in err
+    assert vm.save() == installed  # untouched
+    _, _, err = vm.istio_vm("start", "init", check=78)
+    assert vm.save() == installed
+
+
+def test_custom_ip_tables_makes_install_and_clean_no_ops(vm: Vm) -> None:
+    vm.write(reference_env() + "ISTIO_CUSTOM_IP_TABLES=true\n")
+    before = vm.save()
+    _, _, err = vm.istio_vm("iptables", "install")
+    assert "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone" in err
+    assert vm.save() == before
+    _, _, err = vm.istio_vm("iptables", "clean")
+    assert "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone" in err
+
+
+def test_dry_run_changes_nothing(vm: Vm) -> None:
+    vm.write(reference_env() + "DRY_RUN=true\n")
+    before = vm.save()
+    _, _, err = vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    assert "dry run: nothing changed" in err
+    assert "Would write IPv4 input" in err
+    assert vm.save() == before
+
+
+def test_istio_start_init_with_1_9_flags(vm: Vm) -> None:
+    vm.write("")
+    vm.istio_vm("start", "-p", "15001", "-z", "15006", "-u", "997", "-m", "REDIRECT", "-i", "*", "-b", "*",
+                "-d", "15090,15021")
+    save = vm.ns.run("iptables-save").stdout
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN" in save
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN" in save
+    assert "-A ISTIO_OUTPUT -m owner --uid-owner 997 -j RETURN" in save
+    vm.istio_vm("start", "clean")
+    assert "ISTIO" not in vm.ns.run("iptables-save").stdout

@@ -1,0 +1,84 @@
+"""The benchmarks still run: benchmarks/supervisor.py in its quick form, JSON checked for shape (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from testbed.envoy import envoy_binary
+from tests.helpers import ROOT
+
+SUPERVISOR_BENCH = ROOT / "benchmarks" / "supervisor.py"
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and privilege drop"),
+]
+
+
+def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script unwinds: namespaces and processes are removed
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"{argv} took more than {timeout}s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_supervisor_benchmark_quick_run_reports_every_figure() -> None:
+    result = run_json([str(SUPERVISOR_BENCH), "--idle-seconds", "1", "--quick", "--json"], timeout=120)
+    assert set(result) == {"machine", "parameters", "restart_overhead", "idle", "requests", "goals"}
+    assert {"cores", "kernel", "date"} <= set(result["machine"])
+
+    restart = result["restart_overhead"]
+    assert restart["restarts"] == 5
+    for key in ("ours_ms", "baseline_ms"):
+        assert set(restart[key]) == {"median", "p95", "min", "max"}
+        assert 0 <= restart[key]["min"] <= restart[key]["median"] <= restart[key]["max"] < 1000 * restart["backoff_s"]
+    assert restart["ratio_median"] > 0
+
+    idle = result["idle"]
+    for key in ("supervisor", "python_pause", "python_import_istio_vm_cli"):
+        figures = idle[key]
+        assert 5 < figures["rss_max_mb"] < 500
+        assert figures["cpu_percent"] >= 0
+        assert figures["wakeups"] >= 0
+        assert figures["preemptions"] >= 0
+    assert idle["supervisor"]["threads"] == 1
+
+    requests = result["requests"]
+    if envoy_binary() is None:
+        assert "skipped" in requests
+    else:
+        assert len(requests["hot_restart"]) == len(requests["plain_restart_baseline"]) == len(requests["drain"]) == 1
+        assert requests["hot_restart"][0]["requests"] > 0
+        assert requests["plain_restart_baseline"][0]["requests"] > 0
+        assert requests["drain"][0]["in_flight"] == requests["drain"][0]["ok"] + requests["drain"][0]["failed"]
+        assert requests["drain"][0]["exit_status"] == 0
+
+    assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["restart", "idle", "idle", "zero"]
+    assert all(g["met"] in (True, False, None) for g in result["goals"])
+
+
+IPTABLES_BENCH = ROOT / "benchmarks" / "iptables_install.py"
+
+
+def test_iptables_benchmark_runs_and_counts_processes() -> None:
+    result = run_json([str(IPTABLES_BENCH), "--runs", "1", "--json"], timeout=120)
+    assert set(result) == {"first start", "restart"}
+    for scenario in result.values():
+        assert set(scenario["median_ms"]) == {"replay", "ours", "ours-cli", "floor"}
+        assert scenario["spawns"]["ours (Runner calls)"] == 3  # the reference VM: two saves, one restore
+        if "replay (strace execve)" in scenario["spawns"]:
+            assert scenario["spawns"]["replay (strace execve)"] == 38
+            assert scenario["spawns"]["ours-cli (strace execve)"] == 3

@@ -1,0 +1,244 @@
+"""install/clean with a recording fake Runner: exact argv sequences, process counts, injected failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from istio_vm.errors import ApplyError
+from istio_vm.iptables import apply, state
+from tests.fakes import FakeRunner
+from tests.helpers import ip_commands, text
+
+REF = text("reference-vm/expected-v4.restore")
+TPROXY = text("tproxy/v4.restore")
+TPROXY_IP = ip_commands("tproxy/ip-commands.json")
+V6 = text("ipv6/v6.restore")
+V6_IP = ip_commands("ipv6/ip-commands.json")
+SAVE4, SAVE6 = ("iptables-nft-save",), ("ip6tables-nft-save",)
+RESTORE4 = ("iptables-nft-restore", "--noflush", "--wait=30")
+RESTORE6 = ("ip6tables-nft-restore", "--noflush", "--wait=30")
+EMPTY_NAT = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+             ":POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "run")
+
+
+@pytest.fixture
+def proc_net(tmp_path: Path) -> str:
+    """No legacy table in the (fake) network namespace."""
+    path = tmp_path / "proc-net"
+    path.mkdir()
+    return str(path)
+
+
+def plan_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:1] in "-:"]
+
+
+def test_reference_vm_on_a_clean_host_takes_three_processes(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6, RESTORE4]
+    assert fake.input_of(*RESTORE4) == "*nat\n" + "\n".join(plan_lines(REF)) + "\nCOMMIT\n"
+    assert report.processes == 3
+    assert report.backend == "nft"
+    assert report.families[0].added[0] == "nat: -N ISTIO_INBOUND"
+    assert not report.families[0].removed
+    assert not report.families[1].restore_input  # clean IPv6, nothing planned: not run
+    recorded = json.loads((Path(run_dir) / state.STATE_FILE).read_text())
+    assert recorded == {"version": 1, "backend": "nft", "ip_commands": []}
+
+
+def test_reinstall_removes_what_is_found_in_the_same_transaction(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner(saves={"iptables-nft-save": text("golden/reference.nft.save")})
+    apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    restore_input = fake.input_of(*RESTORE4)
+    assert restore_input is not None
+    lines = restore_input.splitlines()
+    assert lines[0] == "*nat"
+    assert lines[-1] == "COMMIT"
+    assert len(lines) == 2 + 13 + 23
+    assert lines[1:14] == [f"-D {r}" for r in ("PREROUTING -p tcp -j ISTIO_INBOUND", "OUTPUT -p tcp -j ISTIO_OUTPUT",
+                           "OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 997 -j RETURN",
+                           "OUTPUT -p udp -m udp --dport 53 -m owner --gid-owner 997 -j RETURN",
+                           "OUTPUT -d 10.10.10.6/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053")] + [
+        f"-{op} ISTIO_{c}" for op in "FX" for c in ("INBOUND", "IN_REDIRECT", "OUTPUT", "REDIRECT")]
+
+
+def test_ipv6_leftovers_are_removed_even_when_nothing_is_planned_for_ipv6(run_dir: str, proc_net: str) -> None:
+    v6_found = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n"
+    fake = FakeRunner(saves={"ip6tables-nft-save": v6_found})
+    apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6, RESTORE4, RESTORE6]
+    assert fake.input_of(*RESTORE6) == ("*nat\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n-F ISTIO_INBOUND\n"
+                                        "-X ISTIO_INBOUND\nCOMMIT\n")
+
+
+def test_tproxy_tests_first_then_ip_batch_then_restore(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    report = apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6, ("iptables-nft-restore", "--test", "--noflush", "--wait=30"),
+                          ("ip", "-force", "-batch", "-"), RESTORE4]
+    assert fake.input_of("ip") == ("rule del fwmark 1337 lookup 133\nroute del local default dev lo table 133\n"
+                                   "rule add fwmark 1337 lookup 133\nroute add local default dev lo table 133\n")
+    assert report.families[0].restore_input.count("COMMIT") == 2
+    assert json.loads((Path(run_dir) / state.STATE_FILE).read_text())["ip_commands"] == TPROXY_IP
+
+
+def test_a_failed_test_run_changes_nothing(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    fake.fail(lambda a, i: "--test" in a, stderr="iptables-restore: line 30 failed")
+    with pytest.raises(ApplyError, match="nothing changed") as raised:
+        apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert raised.value.stderr == "iptables-restore: line 30 failed"
+    assert len(fake.calls) == 3
+    assert not (Path(run_dir) / state.STATE_FILE).exists()
+
+
+def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str, proc_net: str) -> None:
+    before4 = text("golden/reference.nft.save")
+    fake = FakeRunner(saves={"iptables-nft-save": before4, "ip6tables-nft-save": EMPTY_NAT})
+    fake.fail(lambda a, i: a == RESTORE6, stderr="ip6tables-restore v1.8.9 (nf_tables): line 3 failed")
+    with pytest.raises(ApplyError) as raised:
+        apply.install(REF, V6, V6_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    error = raised.value
+    assert error.host_as_before
+    assert "line 3 failed" in error.stderr
+    assert "line 3 failed" in str(error)
+    assert fake.argvs[:5] == [SAVE4, SAVE6, ("ip", "-force", "-batch", "-"), RESTORE4, RESTORE6]
+    rollback = fake.calls[5:]
+    assert [a for a, _ in rollback] == [("iptables-nft-restore", "--wait=30"), ("ip6tables-nft-restore", "--wait=30"),
+                                        ("ip", "-force", "-batch", "-")]
+    assert rollback[0][1] == "\n".join(plan for plan in before4.splitlines() if plan) + "\n"  # the nat section
+    assert rollback[1][1] == EMPTY_NAT
+    assert rollback[2][1] == "addr del ::6/128 dev lo\naddr add ::6/128 dev lo\n"  # undo add, redo the del
+    assert not (Path(run_dir) / state.STATE_FILE).exists()
+
+
+def test_failed_ip_add_undoes_only_what_was_applied(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    fake.handlers.append(lambda a, i: apply.Completed(a, 1, "", "RTNETLINK answers: No such device\n"
+                                                      "Command failed -:1\nCommand failed -:4\n")
+                         if a[0] == "ip" and i and i.startswith("rule del") else None)
+    with pytest.raises(ApplyError, match="route add local default dev lo table 133 failed") as raised:
+        apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert "No such device" in raised.value.stderr
+    # No iptables restore ran (ip goes first), so only the ip lines that worked are undone, in reverse.
+    assert fake.argvs[-1] == ("ip", "-force", "-batch", "-")
+    assert RESTORE4 not in fake.argvs
+    assert fake.calls[-1][1] == "rule del fwmark 1337 lookup 133\nroute add local default dev lo table 133\n"
+
+
+def test_previous_state_file_survives_a_failed_install(run_dir: str, proc_net: str) -> None:
+    state.write(run_dir, state.RunState("nft", tuple(tuple(c) for c in TPROXY_IP)))
+    fake = FakeRunner()
+    fake.fail(lambda a, i: a == RESTORE4)
+    with pytest.raises(ApplyError):
+        apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert state.read(run_dir).ip_commands == tuple(tuple(c) for c in TPROXY_IP)
+
+
+def test_a_timeout_is_a_failure_with_rollback(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    fake.fail(lambda a, i: a == RESTORE4, returncode=124, stderr="timed out after 60s")
+    with pytest.raises(ApplyError, match="timed out"):
+        apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs[-1] == ("iptables-nft-restore", "--wait=30")  # the rollback
+
+
+def test_legacy_is_used_only_when_rules_exist_only_in_legacy(run_dir: str, tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "ip_tables_names").write_text("nat\n")
+    legacy = text("golden/reference.legacy.save")
+    fake = FakeRunner(saves={"iptables-legacy-save": legacy})
+    report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=str(proc))
+    assert fake.argvs == [SAVE4, SAVE6, ("iptables-legacy-save",),
+                          ("iptables-legacy-restore", "--noflush", "--wait=30")]
+    assert report.backend == "legacy"
+    assert "only in the legacy" in report.backend_reason
+    # the next run uses the recorded backend without probing
+    fake2 = FakeRunner(saves={"iptables-legacy-save": legacy})
+    apply.install(REF, "", [], run_dir=run_dir, runner=fake2, proc_net=str(proc))
+    assert fake2.argvs == [("iptables-legacy-save",), ("ip6tables-legacy-save",),
+                           ("iptables-legacy-restore", "--noflush", "--wait=30")]
+
+
+def test_nft_wins_when_both_backends_have_rules(run_dir: str, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "ip_tables_names").write_text("nat\n")
+    fake = FakeRunner(saves={"iptables-legacy-save": text("golden/reference.legacy.save"),
+                             "iptables-nft-save": "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"})
+    with caplog.at_level(logging.WARNING):
+        report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=str(proc))
+    assert report.backend == "nft"
+    assert fake.argvs[-1] == RESTORE4
+    assert "Istio rules exist in the legacy backend" in caplog.text
+
+
+def test_backend_override_never_probes(run_dir: str, tmp_path: Path) -> None:
+    fake = FakeRunner()
+    apply.install(REF, "", [], backend="legacy", run_dir=run_dir, runner=fake, proc_net=str(tmp_path))
+    assert fake.argvs == [("iptables-legacy-save",), ("ip6tables-legacy-save",),
+                          ("iptables-legacy-restore", "--noflush", "--wait=30")]
+    with pytest.raises(ApplyError, match="unknown iptables backend"):
+        apply.install(REF, "", [], backend="xt", run_dir=run_dir, runner=FakeRunner(), proc_net=str(tmp_path))
+
+
+def test_clean_on_a_clean_host_only_reads(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    report = apply.clean(run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6]
+    assert report.processes == 2
+
+
+def test_clean_removes_found_rules_and_recorded_ip_state(run_dir: str, proc_net: str) -> None:
+    state.write(run_dir, state.RunState("nft", tuple(tuple(c) for c in TPROXY_IP + V6_IP)))
+    fake = FakeRunner(saves={"iptables-nft-save": text("golden/tproxy.nft.save")})
+    report = apply.clean(run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6, ("iptables-nft-restore", "--test", "--noflush", "--wait=30"), RESTORE4,
+                          ("ip", "-force", "-batch", "-")]  # nat + mangle: tested first
+    assert fake.input_of("ip") == ("addr del ::6/128 dev lo\nroute del local default dev lo table 133\n"
+                                   "rule del fwmark 1337 lookup 133\n")
+    assert "*mangle\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n" in report.families[0].restore_input
+    assert not (Path(run_dir) / state.STATE_FILE).exists()
+
+
+def test_dry_run_only_reads(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    report = apply.install(TPROXY, V6, TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net, dry_run=True)
+    assert fake.argvs == [SAVE4, SAVE6]
+    assert report.dry_run
+    assert report.families[1].restore_input.startswith("*nat\n-N ISTIO_INBOUND\n")
+
+
+def test_unreadable_ipv6_is_skipped_only_when_nothing_is_planned_for_it(run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    fake.fail(lambda a, i: a == SAVE6, stderr="can't initialize ip6tables table `nat'")
+    assert apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net).processes == 3
+    with pytest.raises(ApplyError, match="cannot read the IPv6 rules"):
+        apply.install(REF, V6, [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+
+
+@pytest.mark.parametrize(("plan", "commands", "message"), [
+    ("-A OUTPUT -j RETURN\n", [], "outside a table"),
+    ("* nat\n-A OUTPUT -j RETURN\n", [], "no COMMIT"),
+    (REF, [["ip", "link", "set", "lo", "up"]], "only `ip rule|route|address"),
+    (REF, [["ip", "-n", "x", "rule", "add", "fwmark", "1"]], "unsupported ip option"),
+])
+def test_bad_input_is_refused_before_anything_runs(plan: str, commands: list[list[str]], message: str,
+                                                   run_dir: str, proc_net: str) -> None:
+    fake = FakeRunner()
+    with pytest.raises(ApplyError, match=message):
+        apply.install(plan, "", commands, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs in ([], [SAVE4, SAVE6])
+    assert RESTORE4 not in fake.argvs

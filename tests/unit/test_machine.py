@@ -1,0 +1,276 @@
+"""The supervisor's state machine with a fake clock: epochs, readiness, backoff, crash loop, drain."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+
+import pytest
+
+from istio_vm.errors import ExitStatus
+from istio_vm.service.machine import (
+    CountConnections,
+    Drain,
+    Exit,
+    KillTree,
+    Notify,
+    Policy,
+    ProbeReady,
+    Signal,
+    Spawn,
+    State,
+    Supervisor,
+)
+
+EXIT_1 = 1 << 8  # wait status of `exit 1`
+KILLED = signal.SIGKILL  # wait status of a SIGKILL death
+TERMED = signal.SIGTERM
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make(**policy: object) -> tuple[Supervisor, Clock]:
+    clock = Clock()
+    return Supervisor(Policy(**policy), clock=clock), clock  # type: ignore[arg-type]
+
+
+def started(sv: Supervisor, pid: int = 100) -> None:
+    [spawn] = sv.start()
+    assert spawn == Spawn(0, 0)
+    sv.spawned(0, pid)
+
+
+def notifications(actions: Sequence[object]) -> list[str]:
+    return [a.message for a in actions if isinstance(a, Notify)]
+
+
+def test_ready_only_after_the_probe_succeeds() -> None:
+    sv, clock = make(probe_interval=0.5)
+    started(sv)
+    assert sv.state is State.STARTING
+    assert sv.next_deadline() == pytest.approx(clock.now + 0.5)
+    assert sv.tick() == []  # not yet
+    clock.advance(0.5)
+    assert sv.tick() == [ProbeReady(0)]
+    clock.advance(0.5)
+    assert sv.tick() == [ProbeReady(0)]  # still not ready: probe again
+    actions = sv.ready(0)
+    assert notifications(actions) == ["READY=1", "STATUS=epoch 0 running, pid 100, 0 restarts"]
+    assert sv.state is State.RUNNING
+    assert sv.next_deadline() is None  # idle: nothing to poll
+
+
+def test_restart_with_exponential_backoff_and_reset_after_stable_period() -> None:
+    sv, clock = make(backoff_initial=1, backoff_max=4, backoff_reset=60, max_restarts=10)
+    started(sv)
+    delays = []
+    for n in range(4):
+        actions = sv.exited(100 + n, EXIT_1)
+        assert KillTree(100 + n) in actions  # whatever the epoch left behind goes too
+        assert sv.state is State.BACKOFF
+        deadline = sv.next_deadline()
+        assert deadline is not None
+        delays.append(deadline - clock.now)
+        clock.advance(delays[-1] - 0.01)
+        assert sv.tick() == []
+        clock.advance(0.01)
+        assert sv.tick() == [Spawn(n + 1, 0)]
+        sv.spawned(n + 1, 101 + n)
+    assert delays == [1, 2, 4, 4]  # doubles, capped
+    assert sv.restarts == 4
+    clock.advance(61)  # stable long enough: the next delay starts over
+    sv.exited(104, EXIT_1)
+    assert sv.next_deadline() == pytest.approx(clock.now + 1)
+
+
+def test_crash_loop_gives_up_with_distinct_status() -> None:
+    sv, clock = make(backoff_initial=1, backoff_max=1, max_restarts=2, restart_window=60)
+    started(sv)
+    for n in range(2):
+        sv.exited(100 + n, EXIT_1)
+        clock.advance(1)
+        assert sv.tick() == [Spawn(n + 1, 0)]
+        sv.spawned(n + 1, 101 + n)
+    actions = sv.exited(102, KILLED)
+    assert actions[-1] == Exit(ExitStatus.CRASH_LOOP)
+    assert sv.state is State.STOPPED
+    assert sv.exit_status == 3
+
+
+def test_failures_outside_the_window_do_not_count() -> None:
+    sv, clock = make(backoff_initial=1, max_restarts=1, restart_window=10)
+    started(sv)
+    sv.exited(100, EXIT_1)
+    clock.advance(11)
+    sv.tick()
+    sv.spawned(1, 101)
+    actions = sv.exited(101, EXIT_1)
+    assert not any(isinstance(a, Exit) for a in actions)
+
+
+def test_exit_0_of_pilot_agent_is_a_failure_too() -> None:
+    # pilot-agent 1.9 exits 0 when Envoy crashes: it must still be restarted.
+    sv, _ = make()
+    started(sv)
+    sv.ready(0)
+    sv.exited(100, 0)
+    assert sv.state is State.BACKOFF
+
+
+def test_agent_stop_forwards_sigterm_then_kills_the_tree_after_the_grace() -> None:
+    sv, clock = make(termination_drain=5, stop_timeout=10)
+    started(sv)
+    sv.ready(0)
+    actions = sv.terminate()
+    assert actions[0] == Notify("STOPPING=1")
+    assert Signal(100, signal.SIGTERM) in actions
+    assert sv.state is State.STOPPING
+    clock.advance(14.9)
+    assert sv.tick() == []
+    clock.advance(0.1)
+    assert sv.tick() == [KillTree(100)]
+    actions = sv.exited(100, KILLED)
+    assert actions[-1] == Exit(ExitStatus.FAILURE)  # it had to be killed
+
+
+def test_clean_agent_stop_exits_0_and_kills_leftovers() -> None:
+    sv, _ = make()
+    started(sv)
+    sv.terminate()
+    actions = sv.exited(100, 0)
+    assert actions[0] == KillTree(100)  # an Envoy pilot-agent left behind
+    assert actions[-1] == Exit(0)
+
+
+def test_envoy_drain_waits_for_zero_connections_then_sigterm() -> None:
+    sv, clock = make(hot_restart=True, termination_drain=5, poll_interval=0.25)
+    started(sv)
+    sv.ready(0)
+    actions = sv.terminate()
+    assert [a for a in actions if not isinstance(a, Notify)] == [Drain(100)]
+    assert notifications(actions)[0] == "STOPPING=1"
+    assert sv.state is State.DRAINING
+    assert sv.tick() == [CountConnections(100)]
+    assert sv.connections(3) == []
+    clock.advance(0.25)
+    assert sv.tick() == [CountConnections(100)]
+    actions = sv.connections(0)
+    assert Signal(100, signal.SIGTERM) in actions
+    assert sv.state is State.STOPPING
+    assert sv.exited(100, TERMED)[-1] == Exit(0)
+
+
+def test_envoy_drain_deadline_then_second_sigterm_shortens() -> None:
+    sv, clock = make(hot_restart=True, termination_drain=5)
+    started(sv)
+    sv.terminate()
+    clock.advance(5)
+    assert Signal(100, signal.SIGTERM) in sv.tick()  # drain period over, connections or not
+    sv2, _ = make(hot_restart=True, termination_drain=5)
+    started(sv2)
+    sv2.terminate()
+    assert Signal(100, signal.SIGTERM) in sv2.terminate()  # second SIGTERM: no more waiting
+
+
+def test_hot_restart_hands_over_to_the_next_epoch() -> None:
+    sv, _ = make(hot_restart=True)
+    started(sv)
+    sv.ready(0)
+    actions = sv.reload()
+    assert actions == [Notify("RELOADING=1"), Spawn(1, 1)]
+    sv.spawned(1, 200)
+    assert sv.state is State.RELOADING
+    assert notifications(sv.ready(1))[0] == "READY=1"
+    assert sv.state is State.RUNNING
+    sv.exited(100, 0)  # the old epoch leaves on its own
+    assert sv.state is State.RUNNING
+    assert sv.current is not None
+    assert sv.current.number == 1
+    assert sv.restarts == 0
+
+
+def test_failed_hot_restart_keeps_the_old_epoch_serving() -> None:
+    sv, _ = make(hot_restart=True)
+    started(sv)
+    sv.ready(0)
+    sv.reload()
+    sv.spawned(1, 200)
+    actions = sv.exited(200, EXIT_1)
+    assert Notify("READY=1") in actions
+    assert sv.state is State.RUNNING
+    assert sv.current is not None
+    assert sv.current.number == 0
+
+
+def test_after_a_crash_envoy_starts_again_at_restart_epoch_0() -> None:
+    sv, clock = make(hot_restart=True, backoff_initial=1)
+    started(sv)
+    sv.ready(0)
+    sv.reload()
+    sv.spawned(1, 200)
+    sv.ready(1)
+    sv.exited(100, 0)
+    sv.exited(200, KILLED)
+    clock.advance(1)
+    assert sv.tick() == [Spawn(2, 0)]  # epoch 2 of ours, a fresh Envoy (no parent to hand over)
+
+
+def test_reload_ignored_in_agent_mode_and_while_starting() -> None:
+    sv, _ = make()
+    started(sv)
+    assert sv.reload() == []
+    sv2, _ = make(hot_restart=True)
+    started(sv2)
+    assert sv2.reload() == []  # not ready yet
+
+
+def test_stop_during_backoff_exits_at_once() -> None:
+    sv, _ = make()
+    started(sv)
+    sv.exited(100, EXIT_1)
+    actions = sv.terminate()
+    assert actions[0] == Notify("STOPPING=1")
+    assert actions[-1] == Exit(0)
+
+
+def test_spawn_failure_counts_as_an_exit() -> None:
+    sv, _ = make()
+    sv.start()
+    sv.spawn_failed(0, "/usr/local/bin/pilot-agent: No such file or directory")
+    assert sv.state is State.BACKOFF
+
+
+def test_status_texts() -> None:
+    sv, _ = make(backoff_initial=1)
+    started(sv, pid=1234)
+    assert sv.status_text() == "epoch 0 starting, pid 1234, 0 restarts"
+    sv.exited(1234, EXIT_1)
+    assert sv.status_text() == "waiting to start epoch 1, 1 restart"
+
+
+def test_orphans_reaped_as_subreaper_are_ignored() -> None:
+    sv, _ = make()
+    started(sv)
+    assert sv.exited(999, 0) == []
+    assert sv.state is State.STARTING
+
+
+def test_no_third_epoch_while_the_previous_one_hands_over() -> None:
+    sv, _ = make(hot_restart=True)
+    started(sv)
+    sv.ready(0)
+    sv.reload()
+    sv.spawned(1, 200)
+    sv.ready(1)
+    assert sv.reload() == []  # epoch 0 still drains: a third Envoy would cut its connections
+    sv.exited(100, 0)
+    assert sv.reload()[1] == Spawn(2, 2)

@@ -1,0 +1,1 @@
+"""Developer tools that write the generated docs; not part of the wheel."""
