@@ -10,16 +10,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from istio_vm import __version__, logs
-from istio_vm.config.sources import DEFAULT_RESOLV_CONF
+from istio_vm.config.sources import DEFAULT_RESOLV_CONF, Sources
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
 from istio_vm.iptables.rules import FORMATS
 
 if TYPE_CHECKING:
-    from istio_vm.config.resolve import Config
+    from istio_vm.config.model import Config
     from istio_vm.iptables import commands
 
 # Commands import what they use when they run: `iptables install` must not pay for Envoy's admin
@@ -97,14 +97,21 @@ def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
                         help="where DNS capture finds the nameservers (default: %(default)s)")
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    from istio_vm.config.host import read_host
-    from istio_vm.config.resolve import load
-    from istio_vm.config.sources import Sources
+def sources(args: argparse.Namespace) -> Sources:
+    """Where the configuration is read from: the global flags, and --resolv-conf where a command has it."""
+    return Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
+                   resolv_conf=getattr(args, "resolv_conf", DEFAULT_RESOLV_CONF))
 
-    sources = Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
-                      resolv_conf=args.resolv_conf)
-    config = load(sources, os.environ, read_host())
+
+def load_config(args: argparse.Namespace, overrides: Mapping[str, tuple[str, str]] | None = None, *,
+                log_to_config_target: bool = False) -> Config:
+    """The Config of the env files (plus `overrides`), its warnings logged (after choosing the log
+    target ISTIO_LOG_TARGET names, for `start`)."""
+    from istio_vm.config.load import load
+
+    config = load(sources(args), os.environ, overrides=overrides)
+    if log_to_config_target:
+        logs.configure(logs.choose_target(config.supervision.log_target))
     for warning in config.warnings:
         log.warning("%s", warning)
     return config
@@ -152,12 +159,10 @@ def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
 
 
 def clean_settings(args: argparse.Namespace) -> commands.CleanSettings:
-    from istio_vm.config.sources import Sources, read_shell
+    from istio_vm.config.sources import read_shell
     from istio_vm.iptables import commands
 
-    shell = read_shell(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ,
-                       os.geteuid())
-    return commands.CleanSettings.from_shell(shell)
+    return commands.CleanSettings.from_shell(read_shell(sources(args), os.environ, os.geteuid()))
 
 
 def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
@@ -183,9 +188,6 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from istio_vm.config.host import read_host
-    from istio_vm.config.resolve import load
-    from istio_vm.config.sources import Sources
     from istio_vm.config.start_args import parse_start_args
     from istio_vm.iptables import commands
     from istio_vm.service import start
@@ -194,21 +196,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if start_args.mode == "clean":
         commands.clean(clean_settings(args))
         return ExitStatus.OK
-    config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host(),
-                  overrides=start_args.overrides)
-    logs.configure(logs.choose_target(config.supervision.log_target))
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    config = load_config(args, start_args.overrides, log_to_config_target=True)
     return start.start(config, start_args.mode, install_iptables=commands.install)
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
-    from istio_vm.config.host import read_host
-    from istio_vm.config.resolve import load
-    from istio_vm.config.sources import Sources
     from istio_vm.service import start
 
-    config = load(Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env), os.environ, read_host())
+    config = load_config(args)
     pid = start.running_pid(config.supervision.run_dir)
     if pid is None:
         raise IstioVmError(f"no istio-vm start is running (no lock held in {config.supervision.run_dir})")

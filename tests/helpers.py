@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from istio_vm.config.host import Address, Host, User
@@ -45,15 +46,29 @@ def check_golden(path: Path, actual: str, update: bool) -> None:
     assert actual == path.read_text(encoding="utf-8")
 
 
-def fake_host() -> Host:
-    """The reference VM as istio-vm sees it: istio-proxy has UID 997, eth0 has 10.10.10.20."""
+REFERENCE_USERS = {"istio-proxy": User("istio-proxy", 997, 997, "/var/lib/istio"), "root": User("root", 0, 0, "/root")}
 
-    def lookup(name: str) -> User | None:
-        return {"istio-proxy": User("istio-proxy", 997, 997, "/var/lib/istio"),
-                "root": User("root", 0, 0, "/root")}.get(name)
 
+class EveryUser(Mapping[str, User]):
+    """Accounts of a machine where every name exists (UID 997): for tests about env files, not users."""
+
+    def __getitem__(self, name: str) -> User:
+        return User(name, 997, 997, "/var/lib/istio")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def fake_host(users: Iterable[str] = ()) -> Host:
+    """The reference VM as istio-vm sees it: istio-proxy has UID 997, eth0 has 10.10.10.20.
+
+    Takes (and ignores) the user names, so it can stand in for config.load.read_host.
+    """
     return Host(addresses=(Address("lo", "127.0.0.1", True, True), Address("eth0", "10.10.10.20", False, True)),
-                hostname="rawvm-1.example", euid=os.geteuid(), lookup_user=lookup)
+                hostname="rawvm-1.example", euid=os.geteuid(), users=REFERENCE_USERS)
 
 
 def iptables_args(directory: Path, env_file: Path, *extra: str) -> list[str]:

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from istio_vm.config.host import Address, Host, User
-from istio_vm.config.resolve import Config, load
+from istio_vm.config.load import load
+from istio_vm.config.model import Config
 from istio_vm.config.sources import Sources
 from istio_vm.iptables.dot import to_dot
 from istio_vm.iptables.explain import explain
@@ -57,11 +58,8 @@ _TITLES = {
 }
 
 
-def _user(name: str) -> User | None:
-    return User(name, 997, 997, "/var/lib/istio") if name == "istio-proxy" else User(name, 0, 0, "/root")
-
-
-HOST = Host(addresses=(Address("eth0", "10.0.0.5", False, True),), hostname="vm", euid=1000, lookup_user=_user)
+USERS = {"istio-proxy": User("istio-proxy", 997, 997, "/var/lib/istio"), "root": User("root", 0, 0, "/root")}
+HOST = Host(addresses=(Address("eth0", "10.0.0.5", False, True),), hostname="vm", euid=1000, users=USERS)
 
 
 @contextmanager

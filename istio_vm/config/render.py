@@ -10,7 +10,7 @@ import json
 import re
 import shlex
 
-from istio_vm.config.resolve import DNS_SERVERS, Config
+from istio_vm.config.model import DNS_SERVERS, Config
 from istio_vm.config.settings import SETTINGS, Section
 
 ENVIRONMENT = (
@@ -82,7 +82,7 @@ def render_text(config: Config, *, show_source: bool = False) -> str:
 
 
 def render_json(config: Config) -> str:
-    data = {item.name: {"value": item.value, "source": item.source} for item in config.values}
+    data = {item.name: {"value": item.value, "source": item.source} for item in config.values.values()}
     return json.dumps(data, indent=2) + "\n"
 
 

@@ -1,137 +1,39 @@
-"""The one frozen `Config`: env files and environment in, typed and validated values out.
+"""Resolve every setting: the shell variables of the env files in, one frozen `Config` out (pure).
 
-`load()` is the edge (it reads the env files and resolv.conf); `build()` is pure: it resolves every
-setting of settings.py with istio-start.sh's and istio-iptables 1.9's defaults, remembers where each
-value came from, and reports every problem at once as a `ConfigError`.
+`build()` applies istio-start.sh's and istio-iptables 1.9's defaults and derivations to every setting of
+settings.py, remembers where each value came from, and reports every problem at once as a
+`ConfigError`. It takes data only (the `Shell`, the `Host`, resolv.conf's text): load.py reads them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from istio_vm.config import checks as v
+from istio_vm.config import checks
 from istio_vm.config.host import Host
+from istio_vm.config.model import (
+    DNS_SERVERS,
+    Agent,
+    Capture,
+    Config,
+    IptablesOptions,
+    Proxy,
+    ResolvConf,
+    Shell,
+    Supervision,
+    Value,
+)
 from istio_vm.config.settings import BY_NAME
-from istio_vm.config.sources import DEFAULT_RESOLV_CONF, Shell, Sources, read_shell, read_text
 from istio_vm.errors import ConfigError, Problem
 
-DNS_SERVERS = "DNS_SERVERS"  # not a variable: the nameservers istio-iptables read, shown in its dump
 
-
-@dataclass(frozen=True, slots=True)
-class Value:
-    name: str
-    value: str
-    source: str  # "FILE:LINE", "environment", "default", "derived" or "--flag"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Capture:
-    """The inputs of istio-iptables 1.9 (its Config struct), validated, as the strings it passes on."""
-
-    proxy_port: str = "15001"
-    inbound_capture_port: str = "15006"
-    inbound_tunnel_port: str = "15008"
-    proxy_uid: str = "1337"
-    proxy_gid: str = "1337"
-    inbound_interception_mode: str = ""
-    inbound_tproxy_mark: str = "1337"
-    inbound_tproxy_route_table: str = "133"
-    inbound_ports_include: str = ""
-    inbound_ports_exclude: str = ""
-    outbound_ports_include: str = ""
-    outbound_ports_exclude: str = ""
-    outbound_ip_ranges_include: str = ""
-    outbound_ip_ranges_exclude: str = ""
-    kubevirt_interfaces: str = ""
-    enable_inbound_ipv6: bool = False
-    redirect_dns: bool = False
-    dns_servers_v4: tuple[str, ...] = ()
-    dns_servers_v6: tuple[str, ...] = ()
-
-    @property
-    def tproxy(self) -> bool:
-        return self.inbound_interception_mode == "TPROXY"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IptablesOptions:
-    custom: bool = False  # ISTIO_CUSTOM_IP_TABLES=true: never touch iptables
-    backend: str | None = None  # "nft", "legacy", or None to detect
-    dry_run: bool = False
-    skip_rule_apply: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Agent:
-    """What istio-start.sh computes for `pilot-agent proxy`."""
-
-    bin_base: str
-    log_dir: str
-    namespace: str
-    service: str
-    svc_ip: str
-    pod_name: str
-    exec_user: str
-    pilot_address: str
-    ca_addr: str
-    prov_cert: str
-    output_certs: str
-    agent_flags: tuple[str, ...]
-    proxy_config: str
-    istio_version: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Supervision:
-    proxy: str  # "agent" or "envoy"
-    envoy_binary: str
-    envoy_bootstrap: str
-    admin_port: int
-    base_id: int
-    drain_time_s: int
-    parent_shutdown_time_s: int
-    termination_drain: float
-    drain_listeners: str
-    stop_timeout: float
-    backoff_initial: float
-    backoff_max: float
-    backoff_reset: float
-    max_restarts: int
-    restart_window: float
-    log_target: str | None  # None: journal under systemd, else stderr
-    run_dir: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    capture: Capture
-    iptables: IptablesOptions
-    agent: Agent
-    supervision: Supervision
-    values: tuple[Value, ...]  # every setting, in settings.py order, then DNS_SERVERS
-    environment: tuple[tuple[str, str], ...]  # what istio-start.sh exported: environment + env files
-    files: tuple[str, ...]  # the env files read, in order
-    warnings: tuple[str, ...] = field(default=())
-
-    def value(self, name: str) -> Value:
-        for item in self.values:
-            if item.name == name:
-                return item
-        raise KeyError(name)
-
-    def getenv(self, name: str) -> str:
-        """os.Getenv as istio-iptables saw it: the exported value, or "" when unset."""
-        return dict(self.environment).get(name, "")
-
-
-def load(sources: Sources, environ: Mapping[str, str], host: Host,
-         overrides: Mapping[str, tuple[str, str]] | None = None) -> Config:
-    """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config."""
-    shell = read_shell(sources, environ, host.euid, overrides)
-    return build(shell.variables, shell.origins, host, files=shell.files, problems=shell.problems,
-                 read_resolv=lambda: read_text(sources.resolv_conf), resolv_path=sources.resolv_conf)
+def user_names(variables: Mapping[str, str]) -> frozenset[str]:
+    """The accounts a build of these variables may look up: ENVOY_USER's and EXEC_USER's, and root (TPROXY)."""
+    names = {"root"}
+    for name in ("ENVOY_USER", "EXEC_USER"):
+        names.add(variables.get(name) or BY_NAME[name].default)
+    return frozenset(names)
 
 
 def lenient(shell: Shell, *names: str) -> tuple[dict[str, str], list[Problem]]:
@@ -194,38 +96,30 @@ class _Resolver:
         return not any(BY_NAME[n].variable in bad for n in names)
 
 
-def build(
-    shell: Mapping[str, str],
-    origins: Mapping[str, str],
-    host: Host,
-    *,
-    files: Sequence[str] = (),
-    problems: Sequence[Problem] = (),
-    read_resolv: Callable[[], str] = lambda: "",
-    resolv_path: str = DEFAULT_RESOLV_CONF,
-) -> Config:
-    """Resolve every setting from the shell variables after the env files (pure but for read_resolv)."""
-    r = _Resolver(shell, origins)
-    r.problems.extend(problems)
+def build(shell: Shell, host: Host, resolv: ResolvConf) -> Config:
+    """Resolve every setting from the shell variables after the env files."""
+    variables, origins = shell.variables, shell.origins
+    r = _Resolver(variables, origins)
+    r.problems.extend(shell.problems)
     for name in ("ISTIO_SIDECAR_CONFIG", "ISTIO_CLUSTER_CONFIG"):
-        r.set(name, shell.get(name, BY_NAME[name].default), origins.get(name, "default"))
-    capture = _capture(r, host, read_resolv, resolv_path)
+        r.set(name, variables.get(name, BY_NAME[name].default), origins.get(name, "default"))
+    capture = _capture(r, host, resolv)
     iptables = IptablesOptions(
         custom=r.take("ISTIO_CUSTOM_IP_TABLES") == "true",
         backend=r.take("ISTIO_IPTABLES_BACKEND") or None,
-        dry_run=v.go_bool(r.take("DRY_RUN")),
-        skip_rule_apply=v.go_bool(r.take("SKIP_RULE_APPLY")),
+        dry_run=checks.go_bool(r.take("DRY_RUN")),
+        skip_rule_apply=checks.go_bool(r.take("SKIP_RULE_APPLY")),
     )
     for name in ("RESTORE_FORMAT", "RUN_VALIDATION", "IPTABLES_PROBE_PORT", "PROBE_TIMEOUT"):
         r.take(name)
     agent = _agent(r, host, capture)
-    supervision = _supervision(r, agent)
-    if r.problems:
-        raise ConfigError(sorted(r.problems, key=lambda p: _location_order(p.where, files)))
-    ordered = [r.values[s] for s in BY_NAME] + [r.values[DNS_SERVERS]]
+    supervision = _supervision(r)
+    if r.problems or agent is None:
+        raise ConfigError(sorted(r.problems, key=lambda p: _location_order(p.where, shell.files)))
+    ordered = {name: r.values[name] for name in (*BY_NAME, DNS_SERVERS)}
     return Config(capture=capture, iptables=iptables, agent=agent, supervision=supervision,
-                  values=tuple(ordered), environment=tuple(shell.items()), files=tuple(files),
-                  warnings=tuple(r.warnings))
+                  values=MappingProxyType(ordered), environment=MappingProxyType(dict(variables)),
+                  files=shell.files, warnings=tuple(r.warnings))
 
 
 def _location_order(where: str, files: Sequence[str]) -> tuple[int, int]:
@@ -237,11 +131,11 @@ def _location_order(where: str, files: Sequence[str]) -> tuple[int, int]:
     return len(files), 0
 
 
-def _capture(r: _Resolver, host: Host, read_resolv: Callable[[], str], resolv_path: str) -> Capture:
+def _capture(r: _Resolver, host: Host, resolv: ResolvConf) -> Capture:
     envoy_user = r.take("ENVOY_USER")
 
     def uid_of_envoy_user() -> str:
-        user = host.lookup_user(envoy_user)
+        user = host.user(envoy_user)
         return "" if user is None else str(user.uid)
 
     proxy_uid = r.take("PROXY_UID", uid_of_envoy_user)
@@ -249,7 +143,7 @@ def _capture(r: _Resolver, host: Host, read_resolv: Callable[[], str], resolv_pa
         r.problem("ENVOY_USER", "unknown user (its UID is PROXY_UID): create the user or set PROXY_UID")
     proxy_gid = r.take("PROXY_GID", lambda: proxy_uid)
     dns_capture = r.take("ISTIO_META_DNS_CAPTURE")
-    redirect_dns = r.take("REDIRECT_DNS", lambda: "true" if v.go_bool(dns_capture) else "false")
+    redirect_dns = r.take("REDIRECT_DNS", lambda: "true" if checks.go_bool(dns_capture) else "false")
 
     def detect_ipv6() -> str:
         found = host.first_non_loopback_is_ipv6()
@@ -261,17 +155,14 @@ def _capture(r: _Resolver, host: Host, read_resolv: Callable[[], str], resolv_pa
     v4: list[str] = []
     v6: list[str] = []
     dns_source = "derived"
-    if r.ok("REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE") and v.go_bool(redirect_dns):
-        try:
-            text = read_resolv()
-        except (OSError, UnicodeDecodeError) as e:
-            r.problems.append(Problem(resolv_path, "REDIRECT_DNS", redirect_dns, f"DNS capture needs "
-                                      f"the nameservers, but {resolv_path} cannot be read: {e}"))
-            text = ""
-        for number, server in nameservers(text):
+    if r.ok("REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE") and checks.go_bool(redirect_dns):
+        if resolv.error is not None:
+            r.problems.append(Problem(resolv.path, "REDIRECT_DNS", redirect_dns, f"DNS capture needs "
+                                      f"the nameservers, but {resolv.path} cannot be read: {resolv.error}"))
+        for number, server in nameservers(resolv.text):
             (v4 if _is_ipv4(server) else v6).append(server)
             if dns_source == "derived":
-                dns_source = f"{resolv_path}:{number}"
+                dns_source = f"{resolv.path}:{number}"
     r.set(DNS_SERVERS, f"[{' '.join(v4)}],[{' '.join(v6)}]", dns_source)
     return Capture(
         proxy_port=r.take("ENVOY_PORT"),
@@ -289,8 +180,8 @@ def _capture(r: _Resolver, host: Host, read_resolv: Callable[[], str], resolv_pa
         outbound_ip_ranges_include=r.take("ISTIO_SERVICE_CIDR"),
         outbound_ip_ranges_exclude=r.take("ISTIO_SERVICE_EXCLUDE_CIDR"),
         kubevirt_interfaces=r.take("KUBE_VIRT_INTERFACES"),
-        enable_inbound_ipv6=v.go_bool(ipv6),
-        redirect_dns=v.go_bool(redirect_dns),
+        enable_inbound_ipv6=checks.go_bool(ipv6),
+        redirect_dns=checks.go_bool(redirect_dns),
         dns_servers_v4=tuple(v4),
         dns_servers_v6=tuple(v6),
     )
@@ -312,7 +203,8 @@ def _is_ipv4(server: str) -> bool:
     return len(parts) == 4 and all(p.isascii() and p.isdigit() and int(p) < 256 for p in parts)
 
 
-def _agent(r: _Resolver, host: Host, capture: Capture) -> Agent:
+def _agent(r: _Resolver, host: Host, capture: Capture) -> Agent | None:
+    """pilot-agent's settings; None when the exec user is unknown (a problem is recorded then)."""
     system_namespace = r.take("ISTIO_SYSTEM_NAMESPACE")
     pilot_port = r.take("ISTIO_PILOT_PORT")
     cp_auth = r.take("CONTROL_PLANE_AUTH_POLICY")
@@ -320,37 +212,33 @@ def _agent(r: _Resolver, host: Host, capture: Capture) -> Agent:
     svc_ip = r.take("ISTIO_SVC_IP", host.first_ip)
     if svc_ip == "":
         r.warnings.append("ISTIO_SVC_IP: `hostname --all-ip-addresses` would print no address; it is empty")
-    if capture.tproxy:
-        exec_user = r.set("EXEC_USER", "root")
-    else:
-        exec_user = r.take("EXEC_USER")
-        if host.lookup_user(exec_user) is None:
-            r.problem("EXEC_USER", "unknown user: create it (the package's sysusers.d does) or set EXEC_USER")
+    exec_name = r.set("EXEC_USER", "root") if capture.tproxy else r.take("EXEC_USER")
+    exec_user = host.user(exec_name)
+    if exec_user is None:
+        r.problem("EXEC_USER", "unknown user: create it (the package's sysusers.d does) or set EXEC_USER")
     pilot_address = r.take("PILOT_ADDRESS", lambda: f"istiod.{system_namespace}.svc:{pilot_port}")
     proxy_config = r.take("PROXY_CONFIG", lambda: (
         f"\nserviceCluster: {svc}\ncontrolPlaneAuthPolicy: {cp_auth}\ndiscoveryAddress: {pilot_address}\n"))
-    return Agent(
-        istio_version=r.take("ISTIO_META_ISTIO_VERSION"),
-        bin_base=r.take("ISTIO_BIN_BASE"),
-        log_dir=r.take("ISTIO_LOG_DIR"),
-        namespace=r.take("NS"),
-        service=svc,
-        svc_ip=svc_ip,
-        pod_name=r.take("POD_NAME", host.short_hostname),
-        exec_user=exec_user,
-        pilot_address=pilot_address,
-        ca_addr=r.take("CA_ADDR", lambda: pilot_address),
-        prov_cert=r.take("PROV_CERT"),
-        output_certs=r.take("OUTPUT_CERTS"),
-        # `IFS=' ' read -r -a`: split on runs of spaces, tabs and newlines; no quoting.
-        agent_flags=tuple(r.take("ISTIO_AGENT_FLAGS").split()),
-        proxy_config=proxy_config,
-    )
+    istio_version = r.take("ISTIO_META_ISTIO_VERSION")
+    bin_base = r.take("ISTIO_BIN_BASE")
+    log_dir = r.take("ISTIO_LOG_DIR")
+    namespace = r.take("NS")
+    pod_name = r.take("POD_NAME", host.short_hostname)
+    ca_addr = r.take("CA_ADDR", lambda: pilot_address)
+    prov_cert = r.take("PROV_CERT")
+    output_certs = r.take("OUTPUT_CERTS")
+    # `IFS=' ' read -r -a`: split on runs of spaces, tabs and newlines; no quoting.
+    agent_flags = tuple(r.take("ISTIO_AGENT_FLAGS").split())
+    if exec_user is None:
+        return None
+    return Agent(istio_version=istio_version, bin_base=bin_base, log_dir=log_dir, namespace=namespace, service=svc,
+                 svc_ip=svc_ip, pod_name=pod_name, exec_user=exec_user, pilot_address=pilot_address, ca_addr=ca_addr,
+                 prov_cert=prov_cert, output_certs=output_certs, agent_flags=agent_flags, proxy_config=proxy_config)
 
 
-def _supervision(r: _Resolver, agent: Agent) -> Supervision:
+def _supervision(r: _Resolver) -> Supervision:
     def seconds(name: str, derived: Callable[[], str] | None = None) -> float:
-        return v.seconds(r.take(name, derived)) or 0.0
+        return checks.seconds(r.take(name, derived)) or 0.0
 
     def number(name: str) -> int:
         text = r.take(name)
@@ -359,17 +247,18 @@ def _supervision(r: _Resolver, agent: Agent) -> Supervision:
     legacy_drain = r.shell.get("TERMINATION_DRAIN_DURATION_SECONDS", "")
     drain = seconds("TERMINATION_DRAIN_DURATION", (lambda: f"{legacy_drain}s") if legacy_drain else None)
     if legacy_drain and r.values["TERMINATION_DRAIN_DURATION"].source == "derived" and (
-            v.integer(0, 86400)(legacy_drain) is not None):
+            checks.integer(0, 86400)(legacy_drain) is not None):
         origin = r.origins.get("TERMINATION_DRAIN_DURATION_SECONDS", "environment")
         r.problems.append(Problem(origin, "TERMINATION_DRAIN_DURATION_SECONDS", legacy_drain,
                                   "not a whole number of seconds"))
-    proxy = r.take("ISTIO_VM_PROXY")
+    proxy_name = r.take("ISTIO_VM_PROXY")
+    proxy = Proxy(proxy_name) if r.ok("ISTIO_VM_PROXY") else Proxy.AGENT
     bootstrap = r.take("ENVOY_BOOTSTRAP")
-    if proxy == "envoy" and not bootstrap:
+    if proxy is Proxy.ENVOY and not bootstrap:
         r.problem("ISTIO_VM_PROXY", "envoy mode needs ENVOY_BOOTSTRAP (the Envoy bootstrap file)")
     return Supervision(
         proxy=proxy,
-        envoy_binary=r.take("ENVOY_BINARY", lambda: f"{agent.bin_base}/envoy"),
+        envoy_binary=r.take("ENVOY_BINARY", lambda: f"{r.values['ISTIO_BIN_BASE'].value}/envoy"),
         envoy_bootstrap=bootstrap,
         admin_port=number("ENVOY_ADMIN_PORT"),
         base_id=number("ENVOY_BASE_ID"),

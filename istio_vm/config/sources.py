@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from istio_vm.config.envfile import evaluate
+from istio_vm.config.model import Shell
 from istio_vm.errors import Problem
 
 log = logging.getLogger(__name__)
@@ -29,16 +30,6 @@ class Sources:
     sidecar_env: str | None = None  # --sidecar-env
     cluster_env: str | None = None  # --cluster-env
     resolv_conf: str = DEFAULT_RESOLV_CONF
-
-
-@dataclass(frozen=True, slots=True)
-class Shell:
-    """The shell variables after `set -a; . sidecar.env; . cluster.env`, with where each came from."""
-
-    variables: dict[str, str]
-    origins: dict[str, str]
-    files: tuple[str, ...]  # the env files read, in order
-    problems: tuple[Problem, ...]  # what the files got wrong (syntax, permissions)
 
 
 def read_shell(sources: Sources, environ: Mapping[str, str], euid: int,
@@ -73,11 +64,6 @@ def read_shell(sources: Sources, environ: Mapping[str, str], euid: int,
     for variable, (value, origin) in (overrides or {}).items():
         shell[variable], origins[variable] = value, origin
     return Shell(shell, origins, tuple(files), tuple(problems))
-
-
-def read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def _read_env_file(path: str, euid: int, problems: list[Problem]) -> str | None:

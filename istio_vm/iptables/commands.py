@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from istio_vm.config import render
-from istio_vm.config.resolve import Config, lenient
-from istio_vm.config.sources import Shell
+from istio_vm.config.model import Config, Shell
+from istio_vm.config.resolve import lenient
 from istio_vm.iptables import apply
 from istio_vm.iptables.plan import build_plan
 

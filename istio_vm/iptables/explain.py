@@ -7,7 +7,7 @@ Pure and deterministic: the same plan and config always give the same text.
 
 from __future__ import annotations
 
-from istio_vm.config.resolve import DNS_SERVERS, Config
+from istio_vm.config.model import DNS_SERVERS, Config
 from istio_vm.iptables.dot import to_dot
 from istio_vm.iptables.rules import ALWAYS, BUILTIN_CHAINS, FORMATS, Plan, Rule, ordered_tables
 

@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from istio_vm.config.checks import split
-from istio_vm.config.resolve import Capture
+from istio_vm.config.model import Capture
 from istio_vm.iptables.rules import ALWAYS, Builder, Plan, Rule
 
 __all__ = ["ALWAYS", "Builder", "NetworkRange", "Plan", "Rule", "build_plan", "separate_v4_v6"]

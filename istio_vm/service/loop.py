@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from istio_vm.config.resolve import Config
+from istio_vm.config.model import Config
 from istio_vm.logs import ChildOutput
 from istio_vm.service import proxy_admin, proxy_command
 from istio_vm.service.machine import (

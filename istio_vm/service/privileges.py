@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from istio_vm.config.host import User, lookup_user
+from istio_vm.config.host import User
 from istio_vm.errors import ExitStatus, IstioVmError
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,8 @@ class Identity:
         return {"HOME": self.home, "USER": self.user, "LOGNAME": self.user, "SHELL": "/bin/bash"}
 
 
-def resolve(name: str, *, lookup: Callable[[str], User | None] = lookup_user,
-            grouplist: Callable[[str, int], list[int]] = os.getgrouplist) -> Identity:
-    user = lookup(name)
-    if user is None:
-        raise PrivilegeError(f"unknown user {name!r}")
+def resolve(user: User, *, grouplist: Callable[[str, int], list[int]] = os.getgrouplist) -> Identity:
+    """The identity to drop to: the user found when the config was built, with its groups (initgroups(3))."""
     return Identity(user.name, user.uid, user.gid, tuple(grouplist(user.name, user.gid)), user.home)
 
 

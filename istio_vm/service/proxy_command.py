@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from istio_vm.config.resolve import Config
+from istio_vm.config.model import Config
 
 # Variables istio-start.sh assigns after `set +a`: exported only if they already were (from the
 # environment or an env file), and then with the value the script gave them.

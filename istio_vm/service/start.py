@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 from istio_vm import logs
-from istio_vm.config.resolve import Config
+from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, IstioVmError
 from istio_vm.service import privileges
 from istio_vm.service.loop import Daemon, admin_for

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import hostname_first_ip
 
-FIRST_IP = "from istio_vm.config.host import read_host; print(read_host().first_ip())"
+FIRST_IP = "from istio_vm.config.load import read_host; print(read_host().first_ip())"
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import pytest
 
 from istio_vm.config import render
 from istio_vm.config.host import Address, Host, User
-from istio_vm.config.resolve import Config, build, load
+from istio_vm.config.load import load
+from istio_vm.config.model import Config, ResolvConf, Shell
+from istio_vm.config.resolve import build
 from istio_vm.config.sources import Sources
 from istio_vm.errors import ConfigError
 from tests.helpers import DATA
@@ -18,9 +20,7 @@ from tests.helpers import DATA
 REFERENCE = DATA / "reference-vm"
 
 
-def fake_user(name: str) -> User | None:
-    known = {"istio-proxy": User("istio-proxy", 997, 996, "/var/lib/istio"), "root": User("root", 0, 0, "/root")}
-    return known.get(name)
+USERS = {"istio-proxy": User("istio-proxy", 997, 996, "/var/lib/istio"), "root": User("root", 0, 0, "/root")}
 
 
 HOST = Host(
@@ -32,7 +32,7 @@ HOST = Host(
     ),
     hostname="vm-1.example.com",
     euid=0,
-    lookup_user=fake_user,
+    users=USERS,
 )
 
 
@@ -83,7 +83,7 @@ def test_sidecar_env_chooses_cluster_env_path(tmp_path: Path) -> None:
     assert config.value("SVC").value == "from-other"
     assert config.files == (sidecar, other)
     assert config.value("ISTIO_CLUSTER_CONFIG").source == f"{sidecar}:1"
-    assert ("ISTIO_CLUSTER_CONFIG", other) in config.environment  # exported, as under `set -a`
+    assert config.environment["ISTIO_CLUSTER_CONFIG"] == other  # exported, as under `set -a`
 
 
 def test_environment_chooses_files_and_missing_files_are_skipped(
@@ -105,7 +105,7 @@ def test_istio_start_defaults_and_derivations(tmp_path: Path) -> None:
         "shop", "cart", "/usr/local/bin", "/var/log/istio")
     assert agent.svc_ip == "10.0.0.5"  # first non-loopback, up, non-link-local address
     assert agent.pod_name == "vm-1"
-    assert agent.exec_user == "istio-proxy"
+    assert agent.exec_user.name == "istio-proxy"
     assert agent.pilot_address == "istiod.istio-system.svc:15010"
     assert agent.ca_addr == agent.pilot_address
     assert agent.prov_cert == ""  # ${PROV_CERT-/etc/certs} keeps an empty value
@@ -118,7 +118,7 @@ def test_istio_start_defaults_and_derivations(tmp_path: Path) -> None:
 
 def test_tproxy_runs_as_root(tmp_path: Path) -> None:
     config = load_files(tmp_path, cluster="ISTIO_INBOUND_INTERCEPTION_MODE=TPROXY\nEXEC_USER=istio-proxy\n")
-    assert config.agent.exec_user == "root"
+    assert config.agent.exec_user.name == "root"
     assert config.capture.tproxy
 
 
@@ -150,7 +150,7 @@ def test_redirect_dns_overrides_dns_capture(tmp_path: Path) -> None:
 ])
 def test_ipv6_detection_and_override(tmp_path: Path, addresses: tuple[Address, ...], setting: str,
                                      expected: bool, warned: bool) -> None:
-    host = Host(addresses=addresses, hostname="h", lookup_user=fake_user)
+    host = Host(addresses=addresses, hostname="h", users=USERS)
     config = load_files(tmp_path, cluster=f"ENABLE_INBOUND_IPV6={setting}\n", host=host)
     assert config.capture.enable_inbound_ipv6 is expected
     assert any("IPv6 capture off" in w for w in config.warnings) is warned
@@ -182,7 +182,7 @@ def test_json_has_every_setting_with_value_and_source(tmp_path: Path) -> None:
     assert data["ISTIO_INBOUND_PORTS"] == {"value": "8080", "source": f"{tmp_path}/cluster.env:1"}
     assert data["PROXY_GID"] == {"value": "997", "source": "derived"}
     assert data["ENVOY_PORT"] == {"value": "15001", "source": "default"}
-    assert set(data) == {v.name for v in config.values}
+    assert set(data) == set(config.values)
     assert all(isinstance(v["value"], str) and isinstance(v["source"], str) for v in data.values())
 
 
@@ -200,7 +200,7 @@ def test_build_reports_every_problem_at_once() -> None:
     shell = {"ENVOY_PORT": "0", "ISTIO_INBOUND_PORTS": "x", "REDIRECT_DNS": "maybe"}
     origins = {"ENVOY_PORT": "a.env:1", "ISTIO_INBOUND_PORTS": "a.env:2", "REDIRECT_DNS": "environment"}
     with pytest.raises(ConfigError) as caught:
-        build(shell, origins, HOST)
+        build(Shell(shell, origins), HOST, ResolvConf("/etc/resolv.conf"))
     assert [str(p) for p in caught.value.problems] == [
         "environment: REDIRECT_DNS='maybe': not a boolean (true or false)",
         "a.env:1: ENVOY_PORT='0': not a port (1-65535)",

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from istio_vm.config.envfile import evaluate
-from istio_vm.config.host import Host, User
-from istio_vm.config.resolve import load
+from istio_vm.config.host import Host
+from istio_vm.config.load import load
 from istio_vm.config.sources import Sources
-from tests.helpers import DATA, EXAMPLES
+from tests.helpers import DATA, EXAMPLES, EveryUser
 
 CORPUS = DATA / "envfiles"
 CASES = sorted(p for p in CORPUS.iterdir() if p.is_dir() and p.name != "reject")
@@ -40,11 +40,7 @@ exec /usr/bin/env -0
 """
 
 
-def any_user(name: str) -> User:
-    return User(name, 997, 997, "/var/lib/istio")
-
-
-HOST = Host(hostname="vm-1.example.com", euid=1000, lookup_user=any_user)
+HOST = Host(hostname="vm-1.example.com", euid=1000, users=EveryUser())
 
 
 def environ_of(case: Path) -> dict[str, str]:

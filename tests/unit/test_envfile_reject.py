@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from istio_vm.config.envfile import evaluate
-from istio_vm.config.host import Host, User
-from istio_vm.config.resolve import load
+from istio_vm.config.host import Host
+from istio_vm.config.load import load
 from istio_vm.config.sources import Sources
 from istio_vm.errors import ConfigError, Problem
-from tests.helpers import DATA, EXAMPLES
+from tests.helpers import DATA, EXAMPLES, EveryUser
 
 REJECT = DATA / "envfiles" / "reject"
 RESOLV_CONF = str(EXAMPLES / "resolv.conf")
@@ -83,11 +83,7 @@ MULTI = {"three_problems.env", "after_multiline.env"}  # checked by the tests at
 TEXT_CASES = [c for c in CASES if c[0] != "invalid_utf8.env"]  # the others decode, so evaluate() can read them
 
 
-def any_user(name: str) -> User:
-    return User(name, 997, 997, "/var/lib/istio")
-
-
-HOST = Host(hostname="vm-1.example.com", euid=1000, lookup_user=any_user)
+HOST = Host(hostname="vm-1.example.com", euid=1000, users=EveryUser())
 
 
 def load_problems(sidecar: Path, cluster: str = MISSING) -> list[Problem]:

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from istio_vm import cli
-from istio_vm.config import host
-from istio_vm.config.host import Host, User
-from istio_vm.config.resolve import Capture, Config, build
+from istio_vm.config import load
+from istio_vm.config.host import Host
+from istio_vm.config.model import Capture, Config, ResolvConf, Shell
+from istio_vm.config.resolve import build
 from istio_vm.config.settings import BY_NAME
 from istio_vm.iptables.dot import to_dot
 from istio_vm.iptables.explain import CHAINS, describe, explain, render
 from istio_vm.iptables.plan import ALWAYS, Plan, Rule, build_plan
-from tests.helpers import DATA, fake_host, iptables_args
+from tests.helpers import DATA, EveryUser, fake_host, iptables_args
 
 REFERENCE_ENV = {"ISTIO_INBOUND_PORTS": "8080", "ISTIO_LOCAL_EXCLUDE_PORTS": "15090,15021",
                  "ISTIO_SERVICE_CIDR": "*", "ISTIO_META_DNS_CAPTURE": "true", "ENABLE_INBOUND_IPV6": "false"}
@@ -25,10 +26,9 @@ REFERENCE_ENV = {"ISTIO_INBOUND_PORTS": "8080", "ISTIO_LOCAL_EXCLUDE_PORTS": "15
 
 def config_of(**shell: str) -> Config:
     """A Config built purely from variables (as if from cluster.env), nameserver 10.10.10.6, UID 997."""
-    host = Host(lookup_user=lambda name: User(name, 997, 997, "/var/lib/istio"))
     origins = dict.fromkeys(shell, "cluster.env:1")
-    return build(shell, origins, host, read_resolv=lambda: "nameserver 10.10.10.6\n",
-                 resolv_path="/etc/resolv.conf")
+    return build(Shell(shell, origins), Host(users=EveryUser()),
+                 ResolvConf("/etc/resolv.conf", "nameserver 10.10.10.6\n"))
 
 
 def explained(**shell: str) -> tuple[Plan, str]:
@@ -193,7 +193,7 @@ def test_render_rejects_an_unknown_format() -> None:
 @pytest.mark.parametrize("fmt", ["json", "dot", "commands"])
 def test_cli_formats(fmt: str, clean_env: pytest.MonkeyPatch, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(host, "read_host", fake_host)
+    clean_env.setattr(load, "read_host", fake_host)
     (tmp_path / "resolv.conf").write_text("nameserver 10.10.10.6\n")
     assert cli.main(iptables_args(tmp_path, DATA / "reference-vm" / "cluster.env", "plan", "--format", fmt)) == 0
     out = capsys.readouterr().out
@@ -207,7 +207,7 @@ def test_cli_formats(fmt: str, clean_env: pytest.MonkeyPatch, tmp_path: Path,
 
 
 def test_cli_explain(clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(host, "read_host", fake_host)
+    clean_env.setattr(load, "read_host", fake_host)
     (tmp_path / "resolv.conf").write_text("nameserver 10.10.10.6\n")
     assert cli.main(iptables_args(tmp_path, DATA / "reference-vm" / "cluster.env", "explain")) == 0
     out = capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from istio_vm.config.host import read_host
+from istio_vm.config.load import read_host
 from tests.helpers import hostname_first_ip
 
 

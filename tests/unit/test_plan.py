@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from istio_vm.config.resolve import Capture
+from istio_vm.config.model import Capture
 from istio_vm.iptables.plan import Builder, NetworkRange, Plan, build_plan, separate_v4_v6
 
 DNS = Capture(proxy_uid="997", proxy_gid="997", redirect_dns=True, dns_servers_v4=("10.10.10.6",))

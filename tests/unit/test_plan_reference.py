@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from istio_vm import cli
-from istio_vm.config import host
+from istio_vm.config import load
 from istio_vm.config.host import Host, User
 from tests.helpers import DATA, GOLDEN, check_golden, fake_host, iptables_args
 
@@ -35,7 +35,7 @@ FORMATS = {  # case -> the output formats kept as golden files
 @pytest.fixture
 def vm(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A fake VM: the user lookup and addresses of the reference VM; env files go in the returned dir."""
-    clean_env.setattr(host, "read_host", fake_host)
+    clean_env.setattr(load, "read_host", fake_host)
     shutil.copy(REFERENCE / "resolv.conf", tmp_path / "resolv.conf")
     return tmp_path
 
@@ -49,9 +49,8 @@ def test_reference_vm_restore_is_byte_for_byte(vm: Path, capsys: pytest.CaptureF
 
 def test_reference_vm_with_proxy_uid_and_no_istio_proxy_user(
         vm: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    clean_env.setattr(host, "read_host", lambda: Host(addresses=fake_host().addresses, euid=os.geteuid(),
-                                                      lookup_user=lambda name: None if name != "root" else
-                                                      User("root", 0, 0, "/root")))
+    clean_env.setattr(load, "read_host", lambda users: Host(addresses=fake_host().addresses, euid=os.geteuid(),
+                                                            users={"root": User("root", 0, 0, "/root")}))
     clean_env.setenv("PROXY_UID", "997")
     clean_env.setenv("EXEC_USER", "root")
     assert cli.main(iptables_args(vm, REFERENCE / "cluster.env", "plan", "--format", "restore")) == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from istio_vm.config.resolve import Capture
+from istio_vm.config.model import Capture
 from istio_vm.iptables import plan as p
 from istio_vm.iptables.plan import Builder, NetworkRange, build_plan, separate_v4_v6
 from tests.helpers import DATA
