@@ -1,14 +1,14 @@
 """Benchmark: installing the reference VM's rules, Istio 1.9's way versus istio-vm's, in fresh netns.
 
-    sudo .venv/bin/python benchmarks/iptables_install.py [--runs 20] [--json]
+    sudo .venv/bin/python -m benchmarks.iptables_install [--runs 20] [--json]
 
 Each run uses a new network namespace (created and deleted outside the timing) and times, as wall
 time from this process with the thread moved into the namespace:
   replay   bash running 1.9's logged sequence: the 34 clean commands of clean-commands-1.9.txt,
            iptables-save, iptables-restore --noflush <file of expected-v4.restore>,
            ip6tables-restore --noflush <empty file>, iptables-save (plain `iptables`, as 1.9 ran it)
-  ours     istio_vm.iptables.apply.install(expected-v4.restore, "", []) called in this interpreter (what
-           `istio-vm start` spends, the interpreter being up already)
+  ours     istio_vm.iptables.apply.install_plan() of expected-v4.restore, called in this interpreter
+           (what `istio-vm start` spends, the interpreter being up already)
   ours-cli `istio-vm iptables install` on the reference VM's cluster.env and resolv.conf (PROXY_UID=997):
            the command as an operator runs it, interpreter start-up, config and plan included
   floor    one bare `iptables-nft-restore` of the same text (replacing the nat table whole)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -34,39 +33,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from istio_vm.iptables import apply
+from istio_vm.iptables.rules import Plan
+from testbed.netns import Netns
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from istio_vm.iptables import apply  # noqa: E402
-
 DATA = ROOT / "tests" / "data" / "reference-vm"
 RULES = (DATA / "expected-v4.restore").read_text()
 CLEAN_19 = (DATA / "clean-commands-1.9.txt").read_text().splitlines()
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 
 
 @contextlib.contextmanager
-def namespace() -> Iterator[str]:
+def namespace() -> Iterator[Netns]:
     """A fresh network namespace, entered by this thread (children inherit it), always deleted."""
-    name = f"istio-vm-apply-bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            if os.stat("/proc/thread-self/ns/net").st_ino != os.fstat(target).st_ino:
-                raise RuntimeError("not in the benchmark namespace")
-            yield name
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(home)
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+    with Netns.temporary("apply-bench") as ns, ns.entered():
+        yield ns
 
 
 def replay_script(workdir: Path) -> Path:
@@ -100,7 +81,7 @@ def variants(workdir: Path) -> dict[str, Callable[[str], object]]:
     script = replay_script(workdir)
 
     def ours(run_dir: str) -> object:
-        return apply.install(RULES, "", [], run_dir=run_dir)
+        return apply.install_plan(Plan.from_restore(RULES), run_dir=run_dir)
 
     return {
         "replay": lambda run_dir: run_checked(["bash", str(script)]),
@@ -150,7 +131,8 @@ def main() -> int:
                 for name, fn in fns.items():  # interleaved, so drift in machine load hits all alike
                     times[name].append(timed(fn, workdir, restart))
             with namespace():
-                runner_calls = apply.install(RULES, "", [], run_dir=tempfile.mkdtemp(dir=workdir)).processes
+                report = apply.install_plan(Plan.from_restore(RULES), run_dir=tempfile.mkdtemp(dir=workdir))
+                runner_calls = report.processes
             counted: dict[str, object] = {"ours (Runner calls)": runner_calls}
             if shutil.which("strace"):
                 counted["replay (strace execve)"] = spawns(["bash", str(workdir / "replay-1.9.sh")], workdir, restart)

@@ -1,6 +1,6 @@
 """Benchmark: what the supervisor of `istio-vm start` costs, each figure beside a baseline from the same run.
 
-    sudo .venv/bin/python benchmarks/supervisor.py [--idle-seconds 60] [--restarts 40] [--repeats 3] [--quick] [--json]
+    sudo .venv/bin/python -m benchmarks.supervisor [--idle-seconds 60] [--restarts 40] [--repeats 3] [--quick] [--json]
 
 Three parts, every one in network namespaces this script creates and deletes (also on failure):
 
@@ -50,16 +50,15 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from istio_vm.service import proxy_admin
+from testbed.app import App
+from testbed.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm
+from testbed.load import Load, LoadResult
+from testbed.netns import VM_V4, Pair, pair
+from testbed.service import Service, ensure_user, service
+from testbed.wait import children_named, process_gone, wait_for
 
-from istio_vm.service import proxy_admin  # noqa: E402
-from testbed.app import App  # noqa: E402
-from testbed.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm  # noqa: E402
-from testbed.load import Load, LoadResult  # noqa: E402
-from testbed.netns import VM_V4, Pair, pair  # noqa: E402
-from testbed.service import Service, ensure_user, service  # noqa: E402
-from testbed.wait import children_named, process_gone, wait_for  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MB = 1024 * 1024
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from istio_vm import __version__, logs
 from istio_vm.config.sources import DEFAULT_RESOLV_CONF, Sources
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
-from istio_vm.iptables.rules import FORMATS
+from istio_vm.iptables.explain import FORMATS
 
 if TYPE_CHECKING:
     from istio_vm.config.model import Config
@@ -168,7 +168,7 @@ def clean_settings(args: argparse.Namespace) -> commands.CleanSettings:
 def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.iptables import commands
 
-    result = commands.check(load_config(args))
+    result = commands.verify(load_config(args))
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
     elif result.drift:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-from istio_vm.iptables.saved import BUILTIN_CHAINS, parse_save
+from istio_vm.iptables.names import BUILTIN_CHAINS
+from istio_vm.iptables.saved import parse_save
 from testbed.netns import Netns
 from tests.helpers import text
 

@@ -1,9 +1,9 @@
 """Install and clean Istio's capture rules atomically, with rollback to the snapshot on any failure.
 
-`install` reads one save per family (the snapshot), then writes one `iptables-restore --noflush`
+`install_plan` reads one save per family (the snapshot), then writes one `iptables-restore --noflush`
 per family that has something to remove or add (removal of the Istio state found + the plan, per
 table) and runs the `ip` commands in one `ip -batch`. If anything fails, both families go back to
-the snapshot and applied `ip` commands are undone. `clean` is the same with an empty plan.
+the snapshot and applied `ip` commands are undone. `clean_host` is the same with an empty plan.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import ip_batch, state
-from istio_vm.iptables import snapshot as snapshots
-from istio_vm.iptables.backend import PROC_NET, binary
+from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, take
 from istio_vm.iptables.found import find
 from istio_vm.iptables.ip_batch import IpCommand
 from istio_vm.iptables.restore_input import Input, compose, rollback_text
-from istio_vm.iptables.runner import Completed, CountingRunner, Runner, SubprocessRunner
-from istio_vm.iptables.saved import TextError, sections
+from istio_vm.iptables.rules import Plan
+from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = "/run/istio-vm"
 WAIT_SECONDS = 30  # --wait=N: how long a legacy restore waits for the xtables lock (nft ignores it)
 RESTORE_TIMEOUT = WAIT_SECONDS + 30.0
 IP_TIMEOUT = 30.0
@@ -64,10 +62,6 @@ class Report:
         return "; ".join(parts)
 
 
-InstallReport = Report
-CleanReport = Report
-
-
 @dataclass
 class _Progress:
     """What has been written so far, so a rollback undoes exactly that."""
@@ -104,7 +98,7 @@ def _run_ip(runner: Runner, commands: Sequence[IpCommand], progress: _Progress) 
     return failures
 
 
-def _rollback(runner: Runner, snap: snapshots.Snapshot, progress: _Progress) -> list[str]:
+def _rollback(runner: Runner, snap: Snapshot, progress: _Progress) -> list[str]:
     """Put the written tables back as in the snapshot and undo applied ip commands; return errors."""
     errors: list[str] = []
     for family, tables in progress.written:
@@ -122,42 +116,39 @@ def _rollback(runner: Runner, snap: snapshots.Snapshot, progress: _Progress) -> 
     return errors
 
 
-def _parse_ip(argvs: Sequence[Sequence[str]], what: str) -> list[IpCommand]:
+def _recorded_ip(previous: state.RunState, run_dir: str) -> list[IpCommand]:
+    """The `ip` commands the last install recorded in the state file (a file: parsed, so checked)."""
     try:
-        return [ip_batch.parse(argv) for argv in argvs]
+        return [ip_batch.parse(argv) for argv in previous.ip_commands]
     except ValueError as e:
-        raise ApplyError(f"{what}: {e}") from None
+        raise ApplyError(f"{run_dir}/{state.STATE_FILE}: {e}") from None
 
 
-def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[IpCommand], *,
-           backend: str | None, previous: state.RunState, proc_net: str, dry_run: bool,
-           what: str) -> tuple[snapshots.Snapshot, dict[int, Input], _Progress]:
-    """The common body of install and clean: snapshot, compose, test, write, roll back on failure."""
-    for family, plan in plans.items():
-        try:
-            sections(plan)
-        except TextError as e:
-            raise ApplyError(f"IPv{family} plan: {e}") from None
-    optional = {6} if not plans.get(6, "").strip() else set()
-    snap = snapshots.take(runner, override=backend, recorded=previous.backend, optional=optional,
-                          proc_net=proc_net)
-    inputs = {family: compose(find(save), plans.get(family, "")) for family, save in snap.saves.items()}
+def _inputs(snap: Snapshot, plan: Plan, what: str) -> dict[int, Input]:
+    """Per family read, the restore input removing the Istio state found and adding the plan."""
+    inputs = {family: compose(find(save), plan.tables(family)) for family, save in snap.saves.items()}
     for family, inp in inputs.items():
         log.info("%s IPv%d: %d removal lines for the Istio state found, %d plan lines", what, family,
                  len(inp.removed), len(inp.added))
-    progress = _Progress()
-    if dry_run:
-        return snap, inputs, progress
+    return inputs
+
+
+def _test_multi_table(runner: Runner, snap: Snapshot, inputs: dict[int, Input], what: str) -> None:
+    """Each COMMIT is atomic on its own, so a restore touching one table either applies whole or
+    changes nothing: no test needed. Spanning nat and mangle (TPROXY), the first table could commit
+    before the second fails; `--test` first catches that before anything is written."""
     for family, inp in inputs.items():
-        # Each COMMIT is atomic on its own, so a restore touching one table either applies whole or
-        # changes nothing: no test needed. Spanning nat and mangle (TPROXY), the first table could
-        # commit before the second fails; `--test` first catches that before anything is written.
         if inp.multi_table:
             done = runner.run(_restore_argv(snap.backend, family, "--test", "--noflush"), input=inp.text,
                               timeout=RESTORE_TIMEOUT)
             if not done.ok:
                 raise ApplyError(f"{what}: IPv{family} rules rejected, nothing changed: {done.describe()}",
                                  stderr=done.stderr)
+
+
+def _write(runner: Runner, snap: Snapshot, inputs: dict[int, Input], ip_commands: Sequence[IpCommand],
+           progress: _Progress, what: str) -> None:
+    """Run the ip batch, then one restore per family; on any failure roll back what was written."""
     try:
         if ip_commands:
             failures = [(c, m) for c, m in _run_ip(runner, ip_commands, progress) if c.verb == "add"]
@@ -176,49 +167,49 @@ def _apply(runner: CountingRunner, plans: dict[int, str], ip_commands: Sequence[
         raise ApplyError(f"{what} failed, {'host left as found' if not errors else 'ROLLBACK INCOMPLETE'}: "
                          f"{failure}", stderr=failure.stderr,
                          rollback_errors=tuple(errors)) from None
-    return snap, inputs, progress
 
 
-def _report(snap: snapshots.Snapshot, inputs: dict[int, Input], progress: _Progress, runner: CountingRunner,
+def _report(snap: Snapshot, inputs: dict[int, Input], progress: _Progress, runner: CountingRunner,
             dry_run: bool) -> Report:
     families = tuple(FamilyReport(f, i.removed, i.added, i.text) for f, i in sorted(inputs.items()))
     return Report(snap.backend, snap.reason, families, tuple(c.argv for c in progress.ip_done),
                   tuple(c.argv for c in runner.calls), dry_run)
 
 
-def install(restore_v4: str, restore_v6: str, ip_commands: Sequence[Sequence[str]], *,
-            backend: str | None = None, run_dir: str = DEFAULT_RUN_DIR, runner: Runner | None = None,
-            dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+def install_plan(plan: Plan, *, run_dir: str, backend: str | None = None, runner: Runner | None = None,
+                 dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
     """Replace the Istio state found on the host by the plan, atomically, in as few processes as possible.
 
-    restore_v4/restore_v6: Istio 1.9 restore texts ("" = nothing for that family); ip_commands: `ip`
-    argv lists (rule/route/address add). Raises ApplyError (host rolled back) on any failure.
+    Raises ApplyError (host rolled back) on any failure.
     """
     counting = CountingRunner(runner or SubprocessRunner())
-    planned = _parse_ip(ip_commands, "ip command")
+    planned = list(plan.ip_commands)
     with state.locked(run_dir):
         previous = state.read(run_dir)
-        recorded = _parse_ip(previous.ip_commands, f"{run_dir}/{state.STATE_FILE}")
+        recorded = _recorded_ip(previous, run_dir)
         batch = ip_batch.install_commands(recorded, planned) if (recorded or planned) else []
         if not dry_run:  # record the intent first: a crash half-way still lets clean find the ip state
-            union = previous.ip_commands + tuple(c for c in state.commands(ip_commands)
-                                                 if c not in previous.ip_commands)
+            union = previous.ip_commands + tuple(c.argv for c in planned if c.argv not in previous.ip_commands)
             state.write(run_dir, state.RunState(backend or previous.backend, union))
+        progress = _Progress()
         try:
-            snap, inputs, progress = _apply(counting, {4: restore_v4, 6: restore_v6}, batch, backend=backend,
-                                            previous=previous, proc_net=proc_net, dry_run=dry_run,
-                                            what="install")
+            snap = take(counting, override=backend, recorded=previous.backend,
+                        optional=set() if plan.v6 else {6}, proc_net=proc_net)
+            inputs = _inputs(snap, plan, "install")
+            if not dry_run:
+                _test_multi_table(counting, snap, inputs, "install")
+                _write(counting, snap, inputs, batch, progress, "install")
         except ApplyError:
             if not dry_run:
                 _restore_state(run_dir, previous)
             raise
         if not dry_run:
-            state.write(run_dir, state.RunState(snap.backend, state.commands(ip_commands)))
+            state.write(run_dir, state.RunState(snap.backend, tuple(c.argv for c in planned)))
     return _report(snap, inputs, progress, counting, dry_run)
 
 
-def clean(*, backend: str | None = None, run_dir: str = DEFAULT_RUN_DIR, runner: Runner | None = None,
-          dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+def clean_host(*, run_dir: str, backend: str | None = None, runner: Runner | None = None,
+               dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
     """Remove the Istio state found on the host and the ip state recorded by the last install.
 
     Idempotent: on a clean host it only reads (two saves). Raises ApplyError (rolled back) on failure.
@@ -226,10 +217,13 @@ def clean(*, backend: str | None = None, run_dir: str = DEFAULT_RUN_DIR, runner:
     counting = CountingRunner(runner or SubprocessRunner())
     with state.locked(run_dir):
         previous = state.read(run_dir)
-        recorded = _parse_ip(previous.ip_commands, f"{run_dir}/{state.STATE_FILE}")
-        snap, inputs, progress = _apply(counting, {4: "", 6: ""}, [], backend=backend, previous=previous,
-                                        proc_net=proc_net, dry_run=dry_run, what="clean")
+        recorded = _recorded_ip(previous, run_dir)
+        snap = take(counting, override=backend, recorded=previous.backend, optional={6}, proc_net=proc_net)
+        inputs = _inputs(snap, Plan(), "clean")
+        progress = _Progress()
         if not dry_run:
+            _test_multi_table(counting, snap, inputs, "clean")
+            _write(counting, snap, inputs, [], progress, "clean")
             undo = [c.inverse() for c in reversed(recorded) if c.verb == "add"]
             for command, message in _run_ip(counting, undo, progress) if undo else []:
                 log.warning("clean: %s: %s (already gone?)", command.line(), message)
@@ -242,7 +236,3 @@ def _restore_state(run_dir: str, previous: state.RunState) -> None:
         state.remove(run_dir)
     else:
         state.write(run_dir, previous)
-
-
-__all__ = ["DEFAULT_RUN_DIR", "CleanReport", "Completed", "FamilyReport", "InstallReport", "Report", "clean",
-           "install"]

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from istio_vm.config import render
+from istio_vm.config.checks import go_bool
 from istio_vm.config.model import Config, Shell
 from istio_vm.config.resolve import lenient
 from istio_vm.iptables import apply
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
-    from istio_vm.iptables import verify
+    from istio_vm.iptables.verify import VerifyResult
 
 log = logging.getLogger(__name__)
 CUSTOM = "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone"
@@ -35,8 +36,8 @@ def install(config: Config) -> apply.Report | None:
     if config.iptables.skip_rule_apply:
         log.info("SKIP_RULE_APPLY=true: no rules installed")
         return None
-    report = apply.install(plan.restore(4), plan.restore(6), plan.ip_commands, backend=config.iptables.backend,
-                           run_dir=config.supervision.run_dir, dry_run=config.iptables.dry_run)
+    report = apply.install_plan(plan, backend=config.iptables.backend, run_dir=config.supervision.run_dir,
+                                dry_run=config.iptables.dry_run)
     _log_report("install", report)
     return report
 
@@ -56,24 +57,22 @@ class CleanSettings:
         for problem in problems:
             log.warning("ignored for clean: %s", problem)
         return cls(values["ISTIO_CUSTOM_IP_TABLES"] == "true", values["ISTIO_IPTABLES_BACKEND"] or None,
-                   values["ISTIO_VM_RUN_DIR"], values["DRY_RUN"] in ("1", "t", "T", "TRUE", "true", "True"))
+                   values["ISTIO_VM_RUN_DIR"], go_bool(values["DRY_RUN"]))
 
 
 def clean(settings: CleanSettings) -> apply.Report | None:
     if settings.custom:
         log.info(CUSTOM)
         return None
-    report = apply.clean(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run)
+    report = apply.clean_host(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run)
     _log_report("clean", report)
     return report
 
 
-def check(config: Config) -> verify.VerifyResult:
-    from istio_vm.iptables import verify
+def verify(config: Config) -> VerifyResult:
+    from istio_vm.iptables.verify import compare
 
-    plan = build_plan(config.capture)
-    return verify.verify(plan.restore(4), plan.restore(6), backend=config.iptables.backend,
-                         run_dir=config.supervision.run_dir)
+    return compare(build_plan(config.capture), backend=config.iptables.backend, run_dir=config.supervision.run_dir)
 
 
 def _log_report(what: str, report: apply.Report) -> None:

@@ -7,7 +7,8 @@ ISTIO_REDIRECT → proxy), the proxy's own traffic (owner matches → not captur
 
 from __future__ import annotations
 
-from istio_vm.iptables.rules import BUILTIN_CHAINS, Plan, Rule
+from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS, DNS_PORT, IN_REDIRECT, REDIRECT
+from istio_vm.iptables.rules import Plan, Rule
 
 ENTRY = {"PREROUTING": "packet from the network", "OUTPUT": "packet from a local process"}
 DNS_COLOR, OWNER_COLOR = "blue", "darkgreen"
@@ -62,15 +63,14 @@ def _chain_node(prefix: str, table: str, chain: str, nodes: dict[str, str]) -> s
 
 
 def _terminal_node(prefix: str, rule: Rule, nodes: dict[str, str]) -> str:
-    params = rule.params
-    after = params[params.index("-j") + 2:]
+    after = rule.target_args
     target = rule.target
     if target == "RETURN":
         node, label = f"{prefix} not captured", "not captured"
     elif target == "REDIRECT":
         port = after[-1]
-        role = {"ISTIO_REDIRECT": "proxy outbound", "ISTIO_IN_REDIRECT": "proxy inbound"}.get(
-            rule.chain, "agent DNS" if port == "15053" else "local port")
+        role = {REDIRECT: "proxy outbound", IN_REDIRECT: "proxy inbound"}.get(
+            rule.chain, "agent DNS" if port == AGENT_DNS_PORT else "local port")
         node, label = f"{prefix} port {port}", f"{role} :{port}"
     elif target == "TPROXY":
         port = after[after.index("--on-port") + 1]
@@ -89,15 +89,14 @@ def _color(rule: Rule) -> str:
     pairs = list(zip(("", *rule.params), rule.params, rule.params[1:], strict=False))
     if any(flag in ("--uid-owner", "--gid-owner") and before != "!" for before, flag, _ in pairs):
         return OWNER_COLOR
-    if any(flag == "--dport" and value == "53" and before != "!" for before, flag, value in pairs):
+    if any(flag == "--dport" and value == DNS_PORT and before != "!" for before, flag, value in pairs):
         return DNS_COLOR
     return ""
 
 
 def _match(rule: Rule) -> str:
     """The rule's match, without the chain operation and the target: what selects the packets."""
-    params = rule.params[3 if rule.inserted else 2:]
-    return " ".join(params[: params.index("-j")] if "-j" in params else params)
+    return " ".join(rule.match)
 
 
 def _escape(text: str) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from istio_vm.config.model import DNS_SERVERS, Config
 from istio_vm.iptables.dot import to_dot
-from istio_vm.iptables.rules import ALWAYS, BUILTIN_CHAINS, FORMATS, Plan, Rule, ordered_tables
+from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS
+from istio_vm.iptables.rules import ALWAYS, Plan, Rule, ordered_tables
+
+FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan --format` prints
 
 FAMILY_TITLE = {4: "IPv4 rules (iptables-restore)", 6: "IPv6 rules (ip6tables-restore)"}
 
@@ -87,8 +90,8 @@ def explain(plan: Plan, config: Config) -> str:
                               f"      {_origin(rule, config)}"]
                 lines.append("")
     lines += ["Commands run before the rules are applied", "=" * 41, ""]
-    for argv in plan.ip_commands:
-        lines += [f"  {' '.join(argv)}", f"      {_ip_command(argv, config)}"]
+    for command in plan.ip_commands:
+        lines += [f"  {' '.join(command.argv)}", f"      {_ip_command(command.argv, config)}"]
     if not plan.ip_commands:
         lines.append("None (only IPv6 capture and TPROXY mode with inbound ports need them).")
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -96,7 +99,7 @@ def explain(plan: Plan, config: Config) -> str:
 
 def describe(rule: Rule) -> str:
     """What the rule does to a packet, in a sentence or two, read off its parameters."""
-    words = iter(rule.params[3 if rule.inserted else 2:])
+    words = iter(rule.spec)
     proto, conditions, module, action = "", [], "", "no action"
     negate = False
     for word in words:
@@ -168,7 +171,7 @@ def _action(target: str, options: list[str]) -> str:
     values = dict(zip(options[::2], options[1::2], strict=False))
     if target == "REDIRECT":
         port = values.get("--to-ports") or values.get("--to-port", "")
-        role = " (the agent's DNS proxy)" if port == "15053" else ""
+        role = " (the agent's DNS proxy)" if port == AGENT_DNS_PORT else ""
         return f"rewrite its destination to local port {port}{role}"
     if target == "MARK":
         return f"set packet mark {values.get('--set-mark', '')}"

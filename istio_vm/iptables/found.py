@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from istio_vm.iptables.saved import BUILTIN_CHAINS, Rule, Table, parse_save
+from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS, DNS_PORT, PREFIX, TABLES
+from istio_vm.iptables.saved import SavedRule, SavedTable, parse_save
 
-PREFIX = "ISTIO_"
-TABLES = ("nat", "mangle")  # where Istio 1.9 writes; filter and raw are never touched
-DNS_PORT, AGENT_DNS_PORT = "53", "15053"
 _DEFAULT_MASKS = ("--nfmask", "0xffffffff", "--ctmask", "0xffffffff")  # printed by iptables >= 1.4.x
 
 
@@ -22,12 +20,12 @@ def _options(*pairs: tuple[str, str]) -> frozenset[tuple[bool, str, str]]:
     return frozenset((False, option, value) for option, value in pairs)
 
 
-def _one_value(rule: Rule, option: str) -> str | None:
+def _one_value(rule: SavedRule, option: str) -> str | None:
     values = [value for negated, name, value in rule.options if name == option and not negated]
     return values[0] if len(values) == 1 else None
 
 
-def ownership(rule: Rule) -> str | None:
+def ownership(rule: SavedRule) -> str | None:
     """Why a built-in-chain rule belongs to Istio (a short reason), or None when it does not.
 
     Shapes are matched exactly (every option, the target and its arguments), so a user's rule that
@@ -70,8 +68,8 @@ class FoundTable:
 
     name: str
     chains: tuple[str, ...]  # ISTIO_* chains, in saved order
-    owned: tuple[Rule, ...]  # Istio's rules in built-in chains, in saved order
-    chain_rules: tuple[Rule, ...]  # the rules inside the ISTIO_* chains, in saved order
+    owned: tuple[SavedRule, ...]  # Istio's rules in built-in chains, in saved order
+    chain_rules: tuple[SavedRule, ...]  # the rules inside the ISTIO_* chains, in saved order
 
     @property
     def empty(self) -> bool:
@@ -113,7 +111,7 @@ class Found:
         return lines
 
 
-def find_in_table(table: Table) -> FoundTable:
+def find_in_table(table: SavedTable) -> FoundTable:
     chains = tuple(name for name, _ in table.chains if name.startswith(PREFIX))
     owned = tuple(rule for rule in table.rules if ownership(rule) is not None)
     inside = tuple(rule for rule in table.rules if rule.chain.startswith(PREFIX))

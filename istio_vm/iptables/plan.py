@@ -1,8 +1,9 @@
 """The rule plan: Istio 1.9.4's istio-iptables `run()`, ported step for step, without effects.
 
-`build_plan(capture)` returns the same rules in the same order as 1.9.4 (spec §2.2 and §2.3),
-asymmetries included, plus the `ip` commands 1.9 ran on the way. The private `_handle_*` steps
-keep Istio's names so the vectors of its unit tests can call them on a fresh `Builder`.
+`build_plan(capture)` returns the same rules in the same order as 1.9.4's run()
+(tools/istio-iptables/pkg/cmd/run.go), asymmetries included, plus the `ip` commands 1.9 ran on the
+way. The private `_handle_*` steps keep Istio's names so the vectors of its unit tests can call them
+on a fresh `Builder`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from dataclasses import dataclass
 
 from istio_vm.config.checks import split
 from istio_vm.config.model import Capture
-from istio_vm.iptables.rules import ALWAYS, Builder, Plan, Rule
-
-__all__ = ["ALWAYS", "Builder", "NetworkRange", "Plan", "Rule", "build_plan", "separate_v4_v6"]
-
-NAT, MANGLE = "nat", "mangle"
-INBOUND, REDIRECT, IN_REDIRECT, OUTPUT_CHAIN = "ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"
-DIVERT, TPROXY = "ISTIO_DIVERT", "ISTIO_TPROXY"
-DNS_PORT = "15053"  # the agent's DNS proxy; hard-coded in 1.9
+from istio_vm.iptables.names import (
+    AGENT_DNS_PORT,
+    DIVERT,
+    IN_REDIRECT,
+    INBOUND,
+    MANGLE,
+    NAT,
+    REDIRECT,
+    TPROXY,
+)
+from istio_vm.iptables.names import OUTPUT as OUTPUT_CHAIN
+from istio_vm.iptables.rules import Builder, Plan
 
 # The variables behind the rules (settings.py names), for Rule.setting.
 TUNNEL, ENVOY, CAPTURE = "INBOUND_TUNNEL_PORT", "ENVOY_PORT", "INBOUND_CAPTURE_PORT"
@@ -87,7 +92,7 @@ def _parse_cidr(item: str) -> tuple[int, str, bool] | None:
 
 
 def build_plan(capture: Capture) -> Plan:
-    """run() of istio-iptables 1.9.4 (spec §2.2), recording instead of executing."""
+    """run() of istio-iptables 1.9.4 (pkg/cmd/run.go:353-564), recording instead of executing."""
     b = Builder()
     cfg = capture
     ex4, ex6 = separate_v4_v6(cfg.outbound_ip_ranges_exclude)
@@ -128,7 +133,7 @@ def build_plan(capture: Capture) -> Plan:
     if dns:
         for server in cfg.dns_servers_v4:
             b.append_v4(OUTPUT_CHAIN, NAT, "-p", "tcp", "--dport", "53", "-d", server + "/32", "-j", "REDIRECT",
-                        "--to-ports", DNS_PORT, setting=DNS)
+                        "--to-ports", AGENT_DNS_PORT, setting=DNS)
     b.append_v4(OUTPUT_CHAIN, NAT, "-d", "127.0.0.1/32", "-j", "RETURN")
     for cidr in ex4.ip_nets:
         b.append_v4(OUTPUT_CHAIN, NAT, "-d", cidr, "-j", "RETURN", setting=CIDR_EXCLUDE)
@@ -147,7 +152,7 @@ def build_plan(capture: Capture) -> Plan:
                         "-j", "RETURN", setting=DNS)
         for server in cfg.dns_servers_v4:
             b.append_v4("OUTPUT", NAT, "-p", "udp", "--dport", "53", "-d", server + "/32", "-j", "REDIRECT",
-                        "--to-port", DNS_PORT, setting=DNS)
+                        "--to-port", AGENT_DNS_PORT, setting=DNS)
     if cfg.tproxy:
         mark = cfg.inbound_tproxy_mark
         b.append_v4("PREROUTING", MANGLE, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK",
@@ -215,7 +220,8 @@ def _handle_inbound_ipv4_rules(b: Builder, cfg: Capture, in4: NetworkRange) -> N
 
 
 def _handle_inbound_ipv6_rules(b: Builder, cfg: Capture, ex6: NetworkRange, in6: NetworkRange) -> None:
-    """The whole IPv6 list (spec §2.3): nat only, REDIRECT even in TPROXY mode, no DNS, no port include."""
+    """handleInboundIpv6Rules (run.go:198-306), the whole IPv6 list: nat only, REDIRECT even in TPROXY
+    mode, no DNS, no port include."""
     b.append_v6(INBOUND, NAT, "-p", "tcp", "--dport", cfg.inbound_tunnel_port, "-j", "RETURN", setting=TUNNEL)
     b.append_v6(REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.proxy_port, setting=ENVOY)
     b.append_v6(IN_REDIRECT, NAT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.inbound_capture_port,

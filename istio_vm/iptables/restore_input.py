@@ -7,11 +7,11 @@ one kernel transaction per table: traffic never sees a moment without rules, nor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from istio_vm.iptables.found import Found
-from istio_vm.iptables.saved import sections, table_text
+from istio_vm.iptables.saved import table_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,28 +28,28 @@ class Input:
         return len(self.tables) > 1
 
 
-def compose(found: Found, plan: str) -> Input:
-    """The `--noflush` restore input removing `found` and installing `plan` (either may be empty).
+def compose(found: Found, planned: Sequence[tuple[str, Sequence[str]]]) -> Input:
+    """The `--noflush` restore input removing `found` and installing `planned` (either may be empty).
 
-    Plan tables come in the plan's order; a table with only removals follows. Raises TextError
-    when the plan is not a well-formed restore text.
+    `planned` is one family's plan per table (Plan.tables). Plan tables come in the plan's order; a
+    table with only removals follows.
     """
-    planned = sections(plan)
-    order = [s.table for s in planned] + [t.name for t in found.tables if t.name not in {s.table for s in planned}]
+    tables = dict(planned)
+    order = [*tables, *(t.name for t in found.tables if t.name not in tables)]
     out: list[str] = []
     removed: list[str] = []
     added: list[str] = []
     for table in order:
         here = found.table(table)
         removal = here.removal_lines() if here is not None else []
-        lines = next((list(s.lines) for s in planned if s.table == table), [])
+        lines = list(tables.get(table, ()))
         if not removal and not lines:
             continue
         out += [f"*{table}", *removal, *lines, "COMMIT"]
         removed += [f"{table}: {line}" for line in removal]
         added += [f"{table}: {line}" for line in lines]
-    tables = tuple(line[1:] for line in out if line.startswith("*"))
-    return Input("\n".join(out) + "\n" if out else "", tables, tuple(removed), tuple(added))
+    written = tuple(line[1:] for line in out if line.startswith("*"))
+    return Input("\n".join(out) + "\n" if out else "", written, tuple(removed), tuple(added))
 
 
 def rollback_text(snapshot: str, tables: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""Rules as istio-iptables 1.9's builder records them, and the texts it renders from them.
+"""The rule plan as data: rules as istio-iptables 1.9's builder records them, and the texts rendered from them.
 
 `Builder` mirrors Istio's IptablesBuilderImpl (AppendRuleV4, InsertRuleV4, ...); `Plan` is its
 frozen result: the rules per family plus the `ip` commands, rendered as iptables-restore input,
@@ -8,14 +8,16 @@ as 1.9's command lines or as JSON. Pure: nothing here touches the host.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-ALWAYS = "(always)"  # the `setting` of a rule that no variable switches on or shapes
-BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
-TABLE_ORDER = ("nat", "mangle")  # 1.9 emitted tables in Go's random map order; istio-vm fixes it
-COMMAND = {4: "iptables", 6: "ip6tables"}
+from istio_vm.iptables import ip_batch
+from istio_vm.iptables.ip_batch import IpCommand
+from istio_vm.iptables.names import BUILTIN_CHAINS, COMMAND, FAMILIES, TABLES
+from istio_vm.iptables.saved import TextError, table_sections
 
-FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan --format` prints
+ALWAYS = "(always)"  # the `setting` of a rule that no variable switches on or shapes
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:
@@ -42,19 +44,32 @@ class Rule:
         return self.params[:1] == ("-I",)
 
     @property
+    def spec(self) -> tuple[str, ...]:
+        """The parameters after the chain operation (`-A CHAIN` or `-I CHAIN N`): match, then target."""
+        return self.params[3 if self.inserted else 2:]
+
+    @property
+    def match(self) -> tuple[str, ...]:
+        """What selects the packets: the spec up to `-j`."""
+        spec = self.spec
+        return spec[: spec.index("-j")] if "-j" in spec else spec
+
+    @property
     def target(self) -> str:
         """What `-j` names (a chain or a target such as REDIRECT), or "" without a jump."""
-        params = self.params
-        for i, param in enumerate(params[:-1]):
-            if param == "-j":
-                return params[i + 1]
-        return ""
+        rest = self.spec[len(self.match):]
+        return rest[1] if len(rest) > 1 else ""
+
+    @property
+    def target_args(self) -> tuple[str, ...]:
+        """The target's options, e.g. ("--to-ports", "15001")."""
+        return self.spec[len(self.match) + 2:]
 
 
-def ordered_tables(rules: tuple[Rule, ...]) -> list[str]:
+def ordered_tables(rules: Iterable[Rule]) -> list[str]:
     """The tables of these rules: nat, then mangle, then any other in order of first appearance."""
     return sorted(dict.fromkeys(r.table for r in rules),
-                  key=lambda t: TABLE_ORDER.index(t) if t in TABLE_ORDER else len(TABLE_ORDER))
+                  key=lambda t: TABLES.index(t) if t in TABLES else len(TABLES))
 
 
 def _new_chains(rules: tuple[Rule, ...]) -> list[Rule]:
@@ -75,12 +90,39 @@ class Plan:
 
     v4: tuple[Rule, ...] = ()
     v6: tuple[Rule, ...] = ()
-    ip_commands: tuple[tuple[str, ...], ...] = field(default=())
+    ip_commands: tuple[IpCommand, ...] = field(default=())
+
+    @classmethod
+    def from_restore(cls, v4: str, v6: str = "", ip_commands: Sequence[Sequence[str]] = ()) -> Plan:
+        """A plan read back from restore texts in Istio's format and `ip` argv lists (e.g. test data).
+
+        Raises TextError (a ValueError) for a text that is not `* table`, `-N`, `-A`/`-I` lines and
+        COMMIT, and ValueError for an `ip` command that is not `ip rule|route|address add|del`.
+        """
+        rules: dict[int, list[Rule]] = {4: [], 6: []}
+        for family, text in ((4, v4), (6, v6)):
+            for table, lines in table_sections(text):
+                for number, line in lines:
+                    words = tuple(line.split())
+                    if words[0] == "-N" and len(words) == 2:
+                        continue  # chains are implied by their rules
+                    if words[0] not in ("-A", "-I") or len(words) < 2:
+                        raise TextError(f"line {number}: {line!r} is not -N, -A or -I")
+                    rules[family].append(Rule(family, table, words[1], words))
+        return cls(tuple(rules[4]), tuple(rules[6]), tuple(ip_batch.parse(argv) for argv in ip_commands))
 
     def rules(self, family: int) -> tuple[Rule, ...]:
-        if family not in COMMAND:
+        if family not in FAMILIES:
             raise ValueError(f"family must be 4 or 6, not {family!r}")
         return self.v4 if family == 4 else self.v6
+
+    def tables(self, family: int) -> list[tuple[str, tuple[str, ...]]]:
+        """Per table (nat, then mangle), the restore lines between `*table` and COMMIT: `-N`s, then rules."""
+        rules = self.rules(family)
+        new = _new_chains(rules)
+        return [(table, (*(f"-N {r.chain}" for r in new if r.table == table),
+                         *(" ".join(r.params) for r in rules if r.table == table)))
+                for table in ordered_tables(rules)]
 
     def argv(self, family: int) -> list[tuple[str, ...]]:
         """BuildV4()/BuildV6(): every `-N` first (first appearance, tables mixed), then every rule."""
@@ -90,25 +132,19 @@ class Plan:
 
     def restore(self, family: int) -> str:
         """BuildV4Restore()/BuildV6Restore(): the iptables-restore input, tables in a fixed order."""
-        rules = self.rules(family)
-        new = _new_chains(rules)
-        lines = []
-        for table in ordered_tables(rules):
-            lines.append(f"* {table}")
-            lines += [f"-N {r.chain}" for r in new if r.table == table]
-            lines += [" ".join(r.params) for r in rules if r.table == table]
-            lines.append("COMMIT")
-        return "".join(line + "\n" for line in lines)
+        return "".join(f"* {table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+                       for table, lines in self.tables(family))
 
     def commands(self) -> list[str]:
         """1.9's command mode, as it printed it: IPv4, then IPv6, then the `ip` commands."""
-        return [" ".join(argv) for argv in (*self.argv(4), *self.argv(6), *self.ip_commands)]
+        ip_argvs = [command.argv for command in self.ip_commands]
+        return [" ".join(argv) for argv in (*self.argv(4), *self.argv(6), *ip_argvs)]
 
     def to_json(self) -> str:
         data = {
             "rules": [{"family": r.family, "table": r.table, "chain": r.chain, "argv": list(r.params),
                        "setting": r.setting} for r in (*self.v4, *self.v6)],
-            "ip_commands": [list(argv) for argv in self.ip_commands],
+            "ip_commands": [list(command.argv) for command in self.ip_commands],
         }
         return json.dumps(data, indent=2) + "\n"
 
@@ -118,7 +154,7 @@ class Builder:
 
     def __init__(self) -> None:
         self._rules: dict[int, list[Rule]] = {4: [], 6: []}
-        self._ip_commands: list[tuple[str, ...]] = []
+        self._ip_commands: list[IpCommand] = []
 
     def append(self, family: int, chain: str, table: str, *params: str, setting: str = ALWAYS) -> None:
         self._rules[family].append(Rule(family, table, chain, ("-A", chain, *params), setting))
@@ -141,7 +177,7 @@ class Builder:
 
     def run(self, *argv: str) -> None:
         """Record an `ip` command that 1.9 ran on the spot, before any rule was applied."""
-        self._ip_commands.append(argv)
+        self._ip_commands.append(ip_batch.parse(argv))
 
     def plan(self) -> Plan:
         return Plan(tuple(self._rules[4]), tuple(self._rules[6]), tuple(self._ip_commands))

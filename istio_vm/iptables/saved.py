@@ -3,7 +3,7 @@
 Pure functions. `parse_save` turns a save dump into tables, chains and rules; every rule keeps its
 exact saved text (to delete it with `-D CHAIN <spec>`) and a normalised form (options as a set,
 target and target arguments) to recognise it by shape whatever order a given iptables prints in.
-`sections` splits a restore text (Istio 1.9's `* nat` ... `COMMIT` format) into table sections.
+`table_sections` walks the `*table` ... COMMIT structure that both texts share.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+from istio_vm.iptables.names import BUILTIN_CHAINS
 
 # Long option names iptables accepts for the short ones it prints.
 _ALIASES = {
@@ -26,7 +26,7 @@ class TextError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
+class SavedRule:
     """One `-A CHAIN spec` line of a save dump."""
 
     table: str
@@ -42,17 +42,17 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class Table:
+class SavedTable:
     name: str
     chains: tuple[tuple[str, str], ...]  # (chain, policy) in saved order; user chains have policy "-"
-    rules: tuple[Rule, ...]  # in saved order: chain by chain, each chain's rules in kernel order
+    rules: tuple[SavedRule, ...]  # in saved order: chain by chain, each chain's rules in kernel order
 
     def has_content(self) -> bool:
         """True when the table holds a rule or a user chain (an empty built-in table does not count)."""
         return bool(self.rules) or any(name not in BUILTIN_CHAINS for name, _ in self.chains)
 
 
-def parse_rule(table: str, chain: str, spec: str) -> Rule:
+def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
     """Normalise a rule spec: option order, long names and implicit `-m tcp`/`-m udp` do not matter."""
     try:
         tokens = shlex.split(spec)
@@ -79,71 +79,22 @@ def parse_rule(table: str, chain: str, spec: str) -> Rule:
     for proto in ("tcp", "udp"):  # `-p tcp --dport` implies `-m tcp`; iptables prints it, 1.9 did not
         if (False, "-p", proto) in options:
             options.discard((False, "-m", proto))
-    return Rule(table, chain, spec, frozenset(options), target, target_args)
+    return SavedRule(table, chain, spec, frozenset(options), target, target_args)
 
 
 def _is_option(token: str) -> bool:
     return token.startswith("-") and len(token) > 1 and not token[1:].replace(".", "").isdigit()
 
 
-def parse_save(text: str) -> dict[str, Table]:
-    """Tables of an iptables-save dump, in saved order (comments and counters ignored)."""
-    tables: dict[str, Table] = {}
-    name: str | None = None
-    chains: list[tuple[str, str]] = []
-    rules: list[Rule] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            name, chains, rules = line[1:].strip(), [], []
-        elif name is None:
-            raise TextError(f"line {number}: {line!r} outside a table")
-        elif line == "COMMIT":
-            tables[name] = Table(name, tuple(chains), tuple(rules))
-            name = None
-        elif line.startswith(":"):
-            chain, policy = [*line[1:].split(), "-"][:2]
-            chains.append((chain, policy))
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            rules.append(parse_rule(name, chain, rest[0] if rest else ""))
-        else:
-            raise TextError(f"line {number}: unexpected {line!r} in a save dump")
-    if name is not None:
-        raise TextError(f"table {name}: no COMMIT")
-    return tables
+def table_sections(text: str) -> list[tuple[str, list[tuple[int, str]]]]:
+    """Split a save dump or restore text into its `*table` ... COMMIT sections, in order.
 
-
-def table_text(text: str, table: str) -> str | None:
-    """The `*table` ... `COMMIT` section of a save dump as it was written (comments dropped), or None."""
-    out: list[str] = []
-    inside = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("*"):
-            inside = line[1:].strip() == table
-        if inside and line and not line.startswith("#"):
-            out.append(line)
-            if line == "COMMIT":
-                return "\n".join(out) + "\n"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Section:
-    """One table of a restore text: its name and its lines between the `*` line and COMMIT."""
-
-    table: str
-    lines: tuple[str, ...]
-
-
-def sections(text: str) -> list[Section]:
-    """Split an iptables-restore text (`* nat` / `-N` / `-A` / `-I` / COMMIT) into its table sections."""
-    found: list[Section] = []
+    Each section is (table, [(line number, line)]) with the lines between the two, stripped, without
+    blank and comment lines. Raises TextError naming the line for anything outside that shape.
+    """
+    found: list[tuple[str, list[tuple[int, str]]]] = []
     table: str | None = None
-    lines: list[str] = []
+    lines: list[tuple[int, str]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -157,12 +108,39 @@ def sections(text: str) -> list[Section]:
         elif table is None:
             raise TextError(f"line {number}: {line!r} outside a table")
         elif line == "COMMIT":
-            if any(s.table == table for s in found):
+            if any(name == table for name, _ in found):
                 raise TextError(f"line {number}: table {table} appears twice")
-            found.append(Section(table, tuple(lines)))
+            found.append((table, lines))
             table = None
         else:
-            lines.append(line)
+            lines.append((number, line))
     if table is not None:
         raise TextError(f"table {table}: no COMMIT")
     return found
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Tables of an iptables-save dump, in saved order (comments and counters ignored)."""
+    tables: dict[str, SavedTable] = {}
+    for name, lines in table_sections(text):
+        chains: list[tuple[str, str]] = []
+        rules: list[SavedRule] = []
+        for number, line in lines:
+            if line.startswith(":"):
+                chain, policy = [*line[1:].split(), "-"][:2]
+                chains.append((chain, policy))
+            elif line.startswith("-A "):
+                _, chain, *rest = line.split(" ", 2)
+                rules.append(parse_rule(name, chain, rest[0] if rest else ""))
+            else:
+                raise TextError(f"line {number}: unexpected {line!r} in a save dump")
+        tables[name] = SavedTable(name, tuple(chains), tuple(rules))
+    return tables
+
+
+def table_text(text: str, table: str) -> str | None:
+    """The `*table` ... `COMMIT` section of a save dump (comments dropped), or None when it has none."""
+    for name, lines in table_sections(text):
+        if name == table:
+            return "".join(f"{line}\n" for line in (f"*{name}", *(line for _, line in lines), "COMMIT"))
+    return None

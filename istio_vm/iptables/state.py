@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from istio_vm.errors import ApplyError
@@ -21,7 +21,7 @@ from istio_vm.errors import ApplyError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "iptables-state.json"
-LOCK_FILE = "iptables.lock"
+IPTABLES_LOCK = "iptables.lock"  # not the run lock of `istio-vm start` (service/start.py)
 VERSION = 1
 
 
@@ -40,17 +40,26 @@ def read(run_dir: str) -> RunState:
     path = os.path.join(run_dir, STATE_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        backend = data.get("backend")
-        commands = tuple(tuple(str(w) for w in c) for c in data.get("ip_commands", []))
-        if backend not in (None, "nft", "legacy"):
-            raise ValueError(f"unknown backend {backend!r}")
-        return RunState(backend, commands)
+            return _from_json(json.load(f))
     except FileNotFoundError:
         return RunState()
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         log.warning("%s: unreadable (%s); treating as no recorded state", path, e)
         return RunState()
+
+
+def _from_json(data: object) -> RunState:
+    """The state of a parsed state file, its shape checked (ValueError naming what is wrong)."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    backend = data.get("backend")
+    if backend not in (None, "nft", "legacy"):
+        raise ValueError(f"unknown backend {backend!r}")
+    commands = data.get("ip_commands", [])
+    if not isinstance(commands, list) or not all(
+            isinstance(c, list) and all(isinstance(w, str) for w in c) for c in commands):
+        raise ValueError("ip_commands is not a list of argv lists")
+    return RunState(backend, tuple(tuple(c) for c in commands))
 
 
 def write(run_dir: str, state: RunState) -> None:
@@ -70,15 +79,11 @@ def remove(run_dir: str) -> None:
         os.unlink(os.path.join(run_dir, STATE_FILE))
 
 
-def commands(argvs: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(a) for a in argvs)
-
-
 @contextlib.contextmanager
 def locked(run_dir: str, timeout: float = 30.0) -> Iterator[None]:
     """Hold an exclusive flock on RUN_DIR/iptables.lock, waiting at most `timeout` seconds."""
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
+    path = os.path.join(run_dir, IPTABLES_LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout

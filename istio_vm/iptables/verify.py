@@ -1,9 +1,9 @@
-"""Compare the live Istio rules of the host with the planned restore texts: match, or drift with a diff.
+"""Compare the live Istio rules of the host with the plan: match, or drift with a diff.
 
 Both sides are compared in canonical `iptables-save` form. Rather than re-implement iptables'
 normalisation (option order, `-m tcp`, `--to-port` -> `--to-ports`, 1337 -> 0x539, default masks...),
-the plan is loaded into a private scratch network namespace with the same backend and saved there:
-iptables normalises it exactly as it normalised the live rules. Exit status: 0 match, 1 drift.
+the plan is loaded into a private scratch network namespace (canonical_netns.py) with the same
+backend and saved there: iptables normalises it exactly as it normalised the live rules.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import sys
 from dataclasses import dataclass
 
 from istio_vm.errors import ApplyError
-from istio_vm.iptables import snapshot as snapshots
-from istio_vm.iptables import state
-from istio_vm.iptables.backend import PROC_NET
+from istio_vm.iptables import canonical_netns, state
+from istio_vm.iptables.backend import PROC_NET, take
 from istio_vm.iptables.found import everything, find
+from istio_vm.iptables.names import FAMILIES
+from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
-from istio_vm.iptables.saved import TextError, sections
 
 SCRATCH_TIMEOUT = 60.0
 
@@ -64,10 +64,6 @@ class VerifyResult:
     def drift(self) -> bool:
         return any(f.drift for f in self.families)
 
-    @property
-    def exit_status(self) -> int:
-        return 1 if self.drift else 0
-
     def diff(self) -> str:
         """A unified diff, planned -> live, of each drifting family ("" when everything matches)."""
         out: list[str] = []
@@ -89,12 +85,13 @@ class VerifyResult:
         }, indent=2)
 
 
-def canonical(runner: Runner, backend: str, plans: dict[int, str]) -> dict[int, str]:
-    """The plans as `iptables-save` prints them, from a scratch network namespace (one process tree)."""
-    if not any(text.strip() for text in plans.values()):
-        return dict.fromkeys(plans, "")
-    payload = json.dumps({str(family): text for family, text in plans.items()})
-    done = runner.run(["unshare", "--net", "--", sys.executable, "-m", "istio_vm.iptables.canonical_netns", backend],
+def saved_in_scratch_netns(runner: Runner, backend: str, plan: Plan) -> dict[int, str]:
+    """The plan as `iptables-save` prints it, per family, from a scratch network namespace (one process tree)."""
+    texts = {family: plan.restore(family) for family in FAMILIES}  # rendered here: this is where they are written
+    if not any(texts.values()):
+        return dict.fromkeys(texts, "")
+    payload = json.dumps({str(family): text for family, text in texts.items()})
+    done = runner.run(["unshare", "--net", "--", sys.executable, "-m", canonical_netns.__name__, backend],
                       input=payload, timeout=SCRATCH_TIMEOUT)
     if not done.ok:
         raise ApplyError(f"cannot load the planned rules into a scratch namespace: {done.describe()}",
@@ -102,26 +99,20 @@ def canonical(runner: Runner, backend: str, plans: dict[int, str]) -> dict[int, 
     return {int(family): text for family, text in json.loads(done.stdout).items()}
 
 
-def verify(restore_v4: str, restore_v6: str, *, backend: str | None = None, runner: Runner | None = None,
-           run_dir: str | None = None, proc_net: str = PROC_NET) -> VerifyResult:
+def compare(plan: Plan, *, backend: str | None = None, runner: Runner | None = None,
+            run_dir: str | None = None, proc_net: str = PROC_NET) -> VerifyResult:
     """Compare the host's Istio rules (both families) with the plan; nothing is changed.
 
     backend: as for install (None: the one recorded in run_dir, else detected). Processes: the two
     saves (plus a legacy look when detection needs it) and one scratch-namespace run.
     """
     counting = CountingRunner(runner or SubprocessRunner())
-    plans = {4: restore_v4, 6: restore_v6}
-    for family, plan in plans.items():
-        try:
-            sections(plan)
-        except TextError as e:
-            raise ApplyError(f"IPv{family} plan: {e}") from None
     recorded = state.read(run_dir).backend if run_dir else None
-    snap = snapshots.take(counting, override=backend, recorded=recorded,
-                          optional={6} if not restore_v6.strip() else set(), proc_net=proc_net)
-    planned = canonical(counting, snap.backend, plans)
+    snap = take(counting, override=backend, recorded=recorded, optional=set() if plan.v6 else {6},
+                proc_net=proc_net)
+    planned = saved_in_scratch_netns(counting, snap.backend, plan)
     verdicts = tuple(
         FamilyVerdict(family, tuple(everything(planned.get(family, "")).view()),
                       tuple(find(snap.saves.get(family, "")).view()))
-        for family in (4, 6))
+        for family in FAMILIES)
     return VerifyResult(snap.backend, verdicts, len(counting.calls))

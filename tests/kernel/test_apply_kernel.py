@@ -10,6 +10,7 @@ import pytest
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import apply
 from istio_vm.iptables.backend import BACKENDS, binary, legacy_tables
+from istio_vm.iptables.rules import Plan
 from testbed.netns import Netns
 from tests import netns_iptables
 from tests.helpers import ip_commands, text
@@ -40,12 +41,12 @@ def run_dir(tmp_path: Path) -> str:
 def install(ns: Netns, backend: str, run_dir: str, scenario: str) -> apply.Report:
     v4, v6, ip = SCENARIOS[scenario]
     with ns.entered():
-        return apply.install(v4, v6, ip, backend=backend, run_dir=run_dir)
+        return apply.install_plan(Plan.from_restore(v4, v6, ip), backend=backend, run_dir=run_dir)
 
 
 def clean(ns: Netns, backend: str | None, run_dir: str) -> apply.Report:
     with ns.entered():
-        return apply.clean(backend=backend, run_dir=run_dir)
+        return apply.clean_host(backend=backend, run_dir=run_dir)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,7 +120,7 @@ def test_a_failure_leaves_both_families_and_ip_state_as_before(ns: Netns, backen
     else:
         v4 = TPROXY.replace("-A ISTIO_DIVERT -j ACCEPT", "-A ISTIO_DIVERT -j NO_SUCH_TARGET")
     with ns.entered(), pytest.raises(ApplyError) as raised:
-        apply.install(v4, v6, ip, backend=backend, run_dir=run_dir)
+        apply.install_plan(Plan.from_restore(v4, v6, ip), backend=backend, run_dir=run_dir)
     assert raised.value.host_as_before
     assert raised.value.stderr  # the tool's own words
     assert netns_iptables.state(ns, backend) == before
@@ -129,9 +130,9 @@ def test_a_failure_leaves_both_families_and_ip_state_as_before(ns: Netns, backen
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_failure_on_first_install_leaves_a_clean_host(ns: Netns, backend: str, run_dir: str) -> None:
     before = netns_iptables.state(ns, backend)
+    broken = Plan.from_restore(REF, V6.replace("--to-ports 15001", "--to-ports notaport"), V6_IP)
     with ns.entered(), pytest.raises(ApplyError, match="IPv6"):
-        apply.install(REF, V6.replace("--to-ports 15001", "--to-ports notaport"), V6_IP, backend=backend,
-                      run_dir=run_dir)
+        apply.install_plan(broken, backend=backend, run_dir=run_dir)
     assert netns_iptables.state(ns, backend) == before
     assert not (Path(run_dir) / "iptables-state.json").exists()
 
@@ -148,7 +149,7 @@ def test_detection_picks_nft_on_a_clean_host_and_creates_no_legacy_table(ns: Net
 def test_detection_picks_legacy_only_when_only_legacy_has_rules(ns: Netns, run_dir: str, tmp_path: Path) -> None:
     netns_iptables.leftovers_19(ns, "legacy")
     with ns.entered():
-        report = apply.install(REF, "", [], run_dir=run_dir)
+        report = apply.install_plan(Plan.from_restore(REF), run_dir=run_dir)
     assert report.backend == "legacy"
     # 1.9's clean commands instantiated legacy tables in both families, so both are looked at.
     assert [argv[0] for argv in report.commands] == ["iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save",
@@ -161,7 +162,7 @@ def test_detection_picks_legacy_only_when_only_legacy_has_rules(ns: Netns, run_d
         netns_iptables.restore(other, "legacy", 4, REF)
         netns_iptables.restore(other, "nft", 4, netns_iptables.FOREIGN_V4)
         with other.entered():
-            assert apply.install(REF, "", [], run_dir=str(tmp_path / "other")).backend == "nft"
+            assert apply.install_plan(Plan.from_restore(REF), run_dir=str(tmp_path / "other")).backend == "nft"
         assert netns_iptables.save(other, "legacy", 4) == text("golden/reference.legacy.save")
 
 

@@ -1,4 +1,4 @@
-"""Interception proved with traffic: rules installed by `apply.install` in a "vm" namespace, real
+"""Interception proved with traffic: rules installed by `apply.install_plan` in a "vm" namespace, real
 connections from a "client" namespace (and from the vm as other users), on both backends.
 
 A redirected connection is recognised by which listener accepts it, and by the original
@@ -19,6 +19,7 @@ import pytest
 
 from istio_vm.iptables import apply
 from istio_vm.iptables.backend import BACKENDS
+from istio_vm.iptables.rules import Plan
 from testbed.netns import CLIENT_V4, CLIENT_V6, VM_V4, VM_V6, Netns, Pair, pair
 from tests.helpers import ip_commands, text
 
@@ -38,7 +39,7 @@ def net() -> Iterator[Pair]:
 
 def install(p: Pair, backend: str, tmp_path: Path, v4: str, v6: str = "", ip: list[list[str]] | None = None) -> None:
     with p.vm.entered():
-        apply.install(v4, v6, ip or [], backend=backend, run_dir=str(tmp_path / "run"))
+        apply.install_plan(Plan.from_restore(v4, v6, ip or []), backend=backend, run_dir=str(tmp_path / "run"))
 
 
 def listen(ns: Netns, address: str, port: int, *, kind: int = socket.SOCK_STREAM,

@@ -1,4 +1,5 @@
-"""The benchmarks still run: benchmarks/supervisor.py in its quick form, JSON checked for shape (root)."""
+"""The benchmarks still run (`python -m benchmarks.supervisor` in its quick form, `-m benchmarks.iptables_install`
+once), their JSON checked for shape (root)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import pytest
 from testbed.envoy import envoy_binary
 from tests.helpers import ROOT
 
-SUPERVISOR_BENCH = ROOT / "benchmarks" / "supervisor.py"
-
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and privilege drop"),
@@ -23,7 +22,8 @@ pytestmark = [
 
 
 def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -36,7 +36,7 @@ def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
 
 
 def test_supervisor_benchmark_quick_run_reports_every_figure() -> None:
-    result = run_json([str(SUPERVISOR_BENCH), "--idle-seconds", "1", "--quick", "--json"], timeout=120)
+    result = run_json(["-m", "benchmarks.supervisor", "--idle-seconds", "1", "--quick", "--json"], timeout=120)
     assert set(result) == {"machine", "parameters", "restart_overhead", "idle", "requests", "goals"}
     assert {"cores", "kernel", "date"} <= set(result["machine"])
 
@@ -70,11 +70,8 @@ def test_supervisor_benchmark_quick_run_reports_every_figure() -> None:
     assert all(g["met"] in (True, False, None) for g in result["goals"])
 
 
-IPTABLES_BENCH = ROOT / "benchmarks" / "iptables_install.py"
-
-
 def test_iptables_benchmark_runs_and_counts_processes() -> None:
-    result = run_json([str(IPTABLES_BENCH), "--runs", "1", "--json"], timeout=120)
+    result = run_json(["-m", "benchmarks.iptables_install", "--runs", "1", "--json"], timeout=120)
     assert set(result) == {"first start", "restart"}
     for scenario in result.values():
         assert set(scenario["median_ms"]) == {"replay", "ours", "ours-cli", "floor"}

@@ -10,6 +10,8 @@ import pytest
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import apply, state
+from istio_vm.iptables.rules import Plan
+from istio_vm.iptables.runner import Completed
 from tests.fakes import FakeRunner
 from tests.helpers import ip_commands, text
 
@@ -44,7 +46,7 @@ def plan_lines(text: str) -> list[str]:
 
 def test_reference_vm_on_a_clean_host_takes_three_processes(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
-    report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    report = apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs == [SAVE4, SAVE6, RESTORE4]
     assert fake.input_of(*RESTORE4) == "*nat\n" + "\n".join(plan_lines(REF)) + "\nCOMMIT\n"
     assert report.processes == 3
@@ -58,7 +60,7 @@ def test_reference_vm_on_a_clean_host_takes_three_processes(run_dir: str, proc_n
 
 def test_reinstall_removes_what_is_found_in_the_same_transaction(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner(saves={"iptables-nft-save": text("golden/reference.nft.save")})
-    apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
     restore_input = fake.input_of(*RESTORE4)
     assert restore_input is not None
     lines = restore_input.splitlines()
@@ -75,7 +77,7 @@ def test_reinstall_removes_what_is_found_in_the_same_transaction(run_dir: str, p
 def test_ipv6_leftovers_are_removed_even_when_nothing_is_planned_for_ipv6(run_dir: str, proc_net: str) -> None:
     v6_found = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n"
     fake = FakeRunner(saves={"ip6tables-nft-save": v6_found})
-    apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+    apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs == [SAVE4, SAVE6, RESTORE4, RESTORE6]
     assert fake.input_of(*RESTORE6) == ("*nat\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n-F ISTIO_INBOUND\n"
                                         "-X ISTIO_INBOUND\nCOMMIT\n")
@@ -83,7 +85,8 @@ def test_ipv6_leftovers_are_removed_even_when_nothing_is_planned_for_ipv6(run_di
 
 def test_tproxy_tests_first_then_ip_batch_then_restore(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
-    report = apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+    plan = Plan.from_restore(TPROXY, "", TPROXY_IP)
+    report = apply.install_plan(plan, run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs == [SAVE4, SAVE6, ("iptables-nft-restore", "--test", "--noflush", "--wait=30"),
                           ("ip", "-force", "-batch", "-"), RESTORE4]
     assert fake.input_of("ip") == ("rule del fwmark 1337 lookup 133\nroute del local default dev lo table 133\n"
@@ -96,7 +99,7 @@ def test_a_failed_test_run_changes_nothing(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
     fake.fail(lambda a, i: "--test" in a, stderr="iptables-restore: line 30 failed")
     with pytest.raises(ApplyError, match="nothing changed") as raised:
-        apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(TPROXY, "", TPROXY_IP), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert raised.value.stderr == "iptables-restore: line 30 failed"
     assert len(fake.calls) == 3
     assert not (Path(run_dir) / state.STATE_FILE).exists()
@@ -107,7 +110,7 @@ def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str,
     fake = FakeRunner(saves={"iptables-nft-save": before4, "ip6tables-nft-save": EMPTY_NAT})
     fake.fail(lambda a, i: a == RESTORE6, stderr="ip6tables-restore v1.8.9 (nf_tables): line 3 failed")
     with pytest.raises(ApplyError) as raised:
-        apply.install(REF, V6, V6_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(REF, V6, V6_IP), run_dir=run_dir, runner=fake, proc_net=proc_net)
     error = raised.value
     assert error.host_as_before
     assert "line 3 failed" in error.stderr
@@ -124,11 +127,11 @@ def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str,
 
 def test_failed_ip_add_undoes_only_what_was_applied(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
-    fake.handlers.append(lambda a, i: apply.Completed(a, 1, "", "RTNETLINK answers: No such device\n"
+    fake.handlers.append(lambda a, i: Completed(a, 1, "", "RTNETLINK answers: No such device\n"
                                                       "Command failed -:1\nCommand failed -:4\n")
                          if a[0] == "ip" and i and i.startswith("rule del") else None)
     with pytest.raises(ApplyError, match="route add local default dev lo table 133 failed") as raised:
-        apply.install(TPROXY, "", TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(TPROXY, "", TPROXY_IP), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert "No such device" in raised.value.stderr
     # No iptables restore ran (ip goes first), so only the ip lines that worked are undone, in reverse.
     assert fake.argvs[-1] == ("ip", "-force", "-batch", "-")
@@ -141,7 +144,7 @@ def test_previous_state_file_survives_a_failed_install(run_dir: str, proc_net: s
     fake = FakeRunner()
     fake.fail(lambda a, i: a == RESTORE4)
     with pytest.raises(ApplyError):
-        apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert state.read(run_dir).ip_commands == tuple(tuple(c) for c in TPROXY_IP)
 
 
@@ -149,7 +152,7 @@ def test_a_timeout_is_a_failure_with_rollback(run_dir: str, proc_net: str) -> No
     fake = FakeRunner()
     fake.fail(lambda a, i: a == RESTORE4, returncode=124, stderr="timed out after 60s")
     with pytest.raises(ApplyError, match="timed out"):
-        apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs[-1] == ("iptables-nft-restore", "--wait=30")  # the rollback
 
 
@@ -159,14 +162,14 @@ def test_legacy_is_used_only_when_rules_exist_only_in_legacy(run_dir: str, tmp_p
     (proc / "ip_tables_names").write_text("nat\n")
     legacy = text("golden/reference.legacy.save")
     fake = FakeRunner(saves={"iptables-legacy-save": legacy})
-    report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=str(proc))
+    report = apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=str(proc))
     assert fake.argvs == [SAVE4, SAVE6, ("iptables-legacy-save",),
                           ("iptables-legacy-restore", "--noflush", "--wait=30")]
     assert report.backend == "legacy"
     assert "only in the legacy" in report.backend_reason
     # the next run uses the recorded backend without probing
     fake2 = FakeRunner(saves={"iptables-legacy-save": legacy})
-    apply.install(REF, "", [], run_dir=run_dir, runner=fake2, proc_net=str(proc))
+    apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake2, proc_net=str(proc))
     assert fake2.argvs == [("iptables-legacy-save",), ("ip6tables-legacy-save",),
                            ("iptables-legacy-restore", "--noflush", "--wait=30")]
 
@@ -179,7 +182,7 @@ def test_nft_wins_when_both_backends_have_rules(run_dir: str, tmp_path: Path,
     fake = FakeRunner(saves={"iptables-legacy-save": text("golden/reference.legacy.save"),
                              "iptables-nft-save": "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"})
     with caplog.at_level(logging.WARNING):
-        report = apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=str(proc))
+        report = apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=str(proc))
     assert report.backend == "nft"
     assert fake.argvs[-1] == RESTORE4
     assert "Istio rules exist in the legacy backend" in caplog.text
@@ -187,16 +190,17 @@ def test_nft_wins_when_both_backends_have_rules(run_dir: str, tmp_path: Path,
 
 def test_backend_override_never_probes(run_dir: str, tmp_path: Path) -> None:
     fake = FakeRunner()
-    apply.install(REF, "", [], backend="legacy", run_dir=run_dir, runner=fake, proc_net=str(tmp_path))
+    apply.install_plan(Plan.from_restore(REF), backend="legacy", run_dir=run_dir, runner=fake, proc_net=str(tmp_path))
     assert fake.argvs == [("iptables-legacy-save",), ("ip6tables-legacy-save",),
                           ("iptables-legacy-restore", "--noflush", "--wait=30")]
     with pytest.raises(ApplyError, match="unknown iptables backend"):
-        apply.install(REF, "", [], backend="xt", run_dir=run_dir, runner=FakeRunner(), proc_net=str(tmp_path))
+        apply.install_plan(Plan.from_restore(REF), backend="xt", run_dir=run_dir, runner=FakeRunner(),
+                           proc_net=str(tmp_path))
 
 
 def test_clean_on_a_clean_host_only_reads(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
-    report = apply.clean(run_dir=run_dir, runner=fake, proc_net=proc_net)
+    report = apply.clean_host(run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs == [SAVE4, SAVE6]
     assert report.processes == 2
 
@@ -204,7 +208,7 @@ def test_clean_on_a_clean_host_only_reads(run_dir: str, proc_net: str) -> None:
 def test_clean_removes_found_rules_and_recorded_ip_state(run_dir: str, proc_net: str) -> None:
     state.write(run_dir, state.RunState("nft", tuple(tuple(c) for c in TPROXY_IP + V6_IP)))
     fake = FakeRunner(saves={"iptables-nft-save": text("golden/tproxy.nft.save")})
-    report = apply.clean(run_dir=run_dir, runner=fake, proc_net=proc_net)
+    report = apply.clean_host(run_dir=run_dir, runner=fake, proc_net=proc_net)
     assert fake.argvs == [SAVE4, SAVE6, ("iptables-nft-restore", "--test", "--noflush", "--wait=30"), RESTORE4,
                           ("ip", "-force", "-batch", "-")]  # nat + mangle: tested first
     assert fake.input_of("ip") == ("addr del ::6/128 dev lo\nroute del local default dev lo table 133\n"
@@ -215,7 +219,8 @@ def test_clean_removes_found_rules_and_recorded_ip_state(run_dir: str, proc_net:
 
 def test_dry_run_only_reads(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
-    report = apply.install(TPROXY, V6, TPROXY_IP, run_dir=run_dir, runner=fake, proc_net=proc_net, dry_run=True)
+    plan = Plan.from_restore(TPROXY, V6, TPROXY_IP)
+    report = apply.install_plan(plan, run_dir=run_dir, runner=fake, proc_net=proc_net, dry_run=True)
     assert fake.argvs == [SAVE4, SAVE6]
     assert report.dry_run
     assert report.families[1].restore_input.startswith("*nat\n-N ISTIO_INBOUND\n")
@@ -224,9 +229,9 @@ def test_dry_run_only_reads(run_dir: str, proc_net: str) -> None:
 def test_unreadable_ipv6_is_skipped_only_when_nothing_is_planned_for_it(run_dir: str, proc_net: str) -> None:
     fake = FakeRunner()
     fake.fail(lambda a, i: a == SAVE6, stderr="can't initialize ip6tables table `nat'")
-    assert apply.install(REF, "", [], run_dir=run_dir, runner=fake, proc_net=proc_net).processes == 3
+    assert apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net).processes == 3
     with pytest.raises(ApplyError, match="cannot read the IPv6 rules"):
-        apply.install(REF, V6, [], run_dir=run_dir, runner=fake, proc_net=proc_net)
+        apply.install_plan(Plan.from_restore(REF, V6), run_dir=run_dir, runner=fake, proc_net=proc_net)
 
 
 @pytest.mark.parametrize(("plan", "commands", "message"), [
@@ -235,10 +240,15 @@ def test_unreadable_ipv6_is_skipped_only_when_nothing_is_planned_for_it(run_dir:
     (REF, [["ip", "link", "set", "lo", "up"]], "only `ip rule|route|address"),
     (REF, [["ip", "-n", "x", "rule", "add", "fwmark", "1"]], "unsupported ip option"),
 ])
-def test_bad_input_is_refused_before_anything_runs(plan: str, commands: list[list[str]], message: str,
-                                                   run_dir: str, proc_net: str) -> None:
+def test_bad_input_cannot_even_become_a_plan(plan: str, commands: list[list[str]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # so install_plan never sees it: nothing runs
+        Plan.from_restore(plan, "", commands)
+
+
+def test_a_bad_recorded_ip_command_is_refused_before_anything_changes(run_dir: str, proc_net: str) -> None:
+    Path(run_dir).mkdir()
+    (Path(run_dir) / state.STATE_FILE).write_text('{"backend": "nft", "ip_commands": [["ip", "link", "set"]]}')
     fake = FakeRunner()
-    with pytest.raises(ApplyError, match=message):
-        apply.install(plan, "", commands, run_dir=run_dir, runner=fake, proc_net=proc_net)
-    assert fake.argvs in ([], [SAVE4, SAVE6])
-    assert RESTORE4 not in fake.argvs
+    with pytest.raises(ApplyError, match=f"{state.STATE_FILE}: only `ip rule"):
+        apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == []

@@ -17,7 +17,8 @@ from istio_vm.config.resolve import build
 from istio_vm.config.settings import BY_NAME
 from istio_vm.iptables.dot import to_dot
 from istio_vm.iptables.explain import CHAINS, describe, explain, render
-from istio_vm.iptables.plan import ALWAYS, Plan, Rule, build_plan
+from istio_vm.iptables.plan import build_plan
+from istio_vm.iptables.rules import ALWAYS, Plan, Rule
 from tests.helpers import DATA, EveryUser, fake_host, iptables_args
 
 REFERENCE_ENV = {"ISTIO_INBOUND_PORTS": "8080", "ISTIO_LOCAL_EXCLUDE_PORTS": "15090,15021",

@@ -23,7 +23,8 @@ def test_round_trip_and_absence(tmp_path: Path) -> None:
     assert state.read(run_dir) == state.RunState()
 
 
-@pytest.mark.parametrize("content", ["{", '{"backend": "iptables"}', "[]"])
+@pytest.mark.parametrize("content", ["{", '{"backend": "iptables"}', "[]", '{"ip_commands": "ip"}',
+                                     '{"ip_commands": [["ip", 1]]}', '\xff'])
 def test_unreadable_state_is_ignored(tmp_path: Path, content: str) -> None:
     (tmp_path / state.STATE_FILE).write_text(content)
     assert state.read(str(tmp_path)) == state.RunState()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from istio_vm.config.model import Capture
-from istio_vm.iptables.plan import Builder, NetworkRange, Plan, build_plan, separate_v4_v6
+from istio_vm.iptables.plan import NetworkRange, build_plan, separate_v4_v6
+from istio_vm.iptables.rules import Builder, Plan
 
 DNS = Capture(proxy_uid="997", proxy_gid="997", redirect_dns=True, dns_servers_v4=("10.10.10.6",))
 
@@ -93,9 +94,10 @@ def test_ipv6_has_no_tproxy_and_no_outbound_port_include() -> None:
     assert "-A ISTIO_INBOUND -p tcp --dport 8080 -j ISTIO_IN_REDIRECT" in rules(plan, 6)
     assert "-A ISTIO_OUTPUT -p tcp --dport 5432 -j ISTIO_REDIRECT" in rules(plan, 4)
     assert not any("5432" in line for line in rules(plan, 6))
-    assert plan.ip_commands == (("ip", "-6", "addr", "add", "::6/128", "dev", "lo"),
-                                ("ip", "-f", "inet", "rule", "add", "fwmark", "1337", "lookup", "133"),
-                                ("ip", "-f", "inet", "route", "add", "local", "default", "dev", "lo", "table", "133"))
+    assert tuple(c.argv for c in plan.ip_commands) == (
+        ("ip", "-6", "addr", "add", "::6/128", "dev", "lo"),
+        ("ip", "-f", "inet", "rule", "add", "fwmark", "1337", "lookup", "133"),
+        ("ip", "-f", "inet", "route", "add", "local", "default", "dev", "lo", "table", "133"))
 
 
 def test_loopback_include_drops_the_not_owner_returns_in_ipv4_only() -> None:

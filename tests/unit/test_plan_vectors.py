@@ -16,7 +16,8 @@ import pytest
 
 from istio_vm.config.model import Capture
 from istio_vm.iptables import plan as p
-from istio_vm.iptables.plan import Builder, NetworkRange, build_plan, separate_v4_v6
+from istio_vm.iptables.plan import NetworkRange, build_plan, separate_v4_v6
+from istio_vm.iptables.rules import Builder, Plan
 from tests.helpers import DATA
 
 VECTORS: list[dict[str, Any]] = json.loads((DATA / "istio-1.9-iptables-vectors.json").read_text())["vectors"]
@@ -60,7 +61,7 @@ def network_range(data: dict[str, Any]) -> NetworkRange:
     return NetworkRange(data["IsWildcard"], tuple(data["IPNets"]), data.get("HasLoopBackIP", False))
 
 
-def lines(plan: p.Plan, output: str) -> list[str]:
+def lines(plan: Plan, output: str) -> list[str]:
     """BuildV4()/BuildV6() joined with spaces, as 1.9's FormatIptablesCommands."""
     family = 4 if output == "BuildV4" else 6
     return [" ".join(argv) for argv in plan.argv(family)]
@@ -71,7 +72,7 @@ def is_subsequence(needle: Sequence[str], haystack: Sequence[str]) -> bool:
     return all(any(item == candidate for candidate in rest) for item in needle)
 
 
-def run_internal(vector: dict[str, Any]) -> p.Plan:
+def run_internal(vector: dict[str, Any]) -> Plan:
     cfg, args, b = capture_of(vector), vector["call_args"] or {}, Builder()
     call = vector["call"]
     if call == "shortCircuitKubeInternalInterface()":
@@ -171,7 +172,7 @@ def test_every_vector_is_tested() -> None:
 
 def test_tproxy_inbound_runs_the_ip_commands_of_the_vector_note() -> None:
     vector = BY_NAME["TestHandleInboundPortsIncludeWithInboundPortsAndTproxy"]
-    assert run_internal(vector).ip_commands == (
+    assert tuple(c.argv for c in run_internal(vector).ip_commands) == (
         ("ip", "-f", "inet", "rule", "add", "fwmark", "1337", "lookup", "133"),
         ("ip", "-f", "inet", "route", "add", "local", "default", "dev", "lo", "table", "133"),
     )
