@@ -51,6 +51,18 @@ class IstioVmError(Exception):
     status: ExitStatus = ExitStatus.FAILURE
 
 
+class LockedError(IstioVmError):
+    """Another `istio-vm start` holds the run lock."""
+
+    status = ExitStatus.LOCKED
+
+
+class PrivilegeError(IstioVmError):
+    """The supervisor cannot become the user the proxy runs as (not root, or the kernel refused)."""
+
+    status = ExitStatus.NOPERM
+
+
 class ConfigError(IstioVmError):
     """The configuration is invalid; nothing has been changed on the host."""
 

@@ -1,7 +1,7 @@
-"""Where logs go: the journal with structured fields under systemd, readable lines on stderr
-otherwise, or 1.9's istio.log / istio.err.log (appended, reopened on SIGUSR1).
+"""Where istio-vm's own log records go: the journal with structured fields under systemd, readable
+lines on stderr otherwise.
 
-Also relays the child's stdout/stderr line by line, each line tagged with its epoch and pid.
+The proxy's own output is relayed by service/proxy_output.py (journal, stderr, or 1.9's log files).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 IDENTIFIER = "istio-vm"
-FIELDS = ("ISTIO_EVENT", "ISTIO_EPOCH", "ISTIO_CHILD_PID")
 
 
 def under_journal() -> bool:
@@ -58,55 +57,3 @@ def configure(target: str, *, level: int = logging.INFO, journal_sender: Callabl
         handler.setFormatter(_StderrFormatter())
     root.addHandler(handler)
     root.setLevel(level)
-
-
-class ChildOutput:
-    """The child's output, line by line, to the journal, to stderr, or to istio.log/istio.err.log."""
-
-    def __init__(self, target: str, *, name: str, log_dir: str = "/var/log/istio",
-                 journal_sender: Callable[..., Any] | None = None, stderr: TextIO | None = None) -> None:
-        self.target, self.name, self.log_dir = target, name, log_dir
-        self._stderr = stderr or sys.stderr
-        self._send = journal_sender
-        if target == "journal" and self._send is None:
-            from systemd.journal import send
-
-            self._send = send
-        self._files: dict[str, TextIO] = {}
-        if target == "files":
-            self.reopen()
-
-    def reopen(self) -> None:
-        """Open (again) istio.log and istio.err.log for appending, e.g. after logrotate moved them."""
-        if self.target != "files":
-            return
-        self.close()
-        for stream, filename in (("stdout", "istio.log"), ("stderr", "istio.err.log")):
-            self._files[stream] = open(os.path.join(self.log_dir, filename), "a", encoding="utf-8")  # noqa: SIM115
-
-    def line(self, epoch: int, pid: int, stream: str, text: str) -> None:
-        if self.target == "journal" and self._send is not None:
-            self._send(MESSAGE=text, PRIORITY=str(_priority(text, stream)), SYSLOG_IDENTIFIER=self.name,
-                       ISTIO_EPOCH=str(epoch), ISTIO_CHILD_PID=str(pid), ISTIO_STREAM=stream)
-        elif self.target == "files":
-            out = self._files[stream]
-            out.write(text + "\n")
-            out.flush()
-        else:
-            self._stderr.write(f"{self.name}[epoch {epoch}, pid {pid}]: {text}\n")
-            self._stderr.flush()
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def _priority(text: str, stream: str) -> int:
-    """Journal priority of a child line from its level word (Envoy `[warning]`, pilot-agent `\\twarn\\t`)."""
-    lowered = text.lower()
-    for words, priority in ((("critical", "fatal", "panic"), 2), (("error",), 3), (("warn",), 4),
-                            (("debug", "trace"), 7)):
-        if any(f"[{w}" in lowered or f"\t{w}" in lowered for w in words):
-            return priority
-    return 6

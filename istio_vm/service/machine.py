@@ -1,27 +1,30 @@
 """The proxy's lifecycle as an explicit state machine: epochs, readiness, backoff, crash loop, drain.
 
-Pure logic: the daemon loop tells it what happened (spawned, ready, exited, a signal, time passed)
-and carries out the actions it answers with. Time comes from an injected monotonic clock, so every
-deadline is testable without sleeping.
+Pure logic: the loop (loop.py) tells it what happened (spawned, ready, exited, a signal, time
+passed) and carries out the actions it answers with. Every change of state goes through `_enter`,
+checked against ALLOWED and logged once with the old and new state. Time comes from an injected
+monotonic clock, so every deadline is testable without sleeping.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from istio_vm.config.model import Supervision
 from istio_vm.errors import ExitStatus
-from istio_vm.service.exits import describe_exit, exited_cleanly
 
 log = logging.getLogger(__name__)
 
 
 class State(enum.StrEnum):
+    NEW = "new"  # not started yet
     STARTING = "starting"  # current epoch spawned, not ready yet
     RUNNING = "running"  # current epoch ready
     RELOADING = "reloading"  # envoy hot restart: the next epoch starts while the old one serves
@@ -29,6 +32,19 @@ class State(enum.StrEnum):
     DRAINING = "draining"  # stop requested: envoy drains its listeners
     STOPPING = "stopping"  # the proxy was told to exit; waiting for it
     STOPPED = "stopped"  # done: exit_status is final
+
+
+S = State
+ALLOWED: dict[State, frozenset[State]] = {
+    S.NEW: frozenset({S.STARTING}),
+    S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
+    S.RUNNING: frozenset({S.RELOADING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
+    S.RELOADING: frozenset({S.RUNNING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
+    S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
+    S.DRAINING: frozenset({S.STOPPING, S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +60,15 @@ class Policy:
     probe_interval: float = 0.5  # readiness probes while an epoch starts
     poll_interval: float = 0.25  # active-connection polls while draining
 
+    @classmethod
+    def of(cls, supervision: Supervision, *, hot_restart: bool) -> Policy:
+        s = supervision
+        return cls(hot_restart=hot_restart, backoff_initial=s.backoff_initial, backoff_max=s.backoff_max,
+                   backoff_reset=s.backoff_reset, max_restarts=s.max_restarts, restart_window=s.restart_window,
+                   termination_drain=s.termination_drain, stop_timeout=s.stop_timeout)
 
-# Actions the daemon loop carries out.
+
+# Actions the loop carries out.
 @dataclass(frozen=True, slots=True)
 class Spawn:
     epoch: int
@@ -67,19 +90,18 @@ class KillTree:
 
 @dataclass(frozen=True, slots=True)
 class Drain:
-    """envoy: fail health checks and drain listeners gracefully (admin API)."""
-
-    pid: int
+    """envoy: fail health checks and drain listeners gracefully (one admin port serves every epoch)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeReady:
     epoch: int
+    restart_epoch: int  # Envoy is ready only once the epoch we started answers, not its parent
 
 
 @dataclass(frozen=True, slots=True)
 class CountConnections:
-    pid: int
+    """envoy: ask the admin port how many downstream connections are still open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +109,7 @@ class Notify:
     message: str  # sd_notify(3) text, e.g. "READY=1", "STATUS=..."
 
 
-@dataclass(frozen=True, slots=True)
-class Exit:
-    status: int
-
-
-Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify | Exit
+Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify
 
 
 @dataclass(slots=True)
@@ -105,23 +122,41 @@ class Epoch:
 
 
 @dataclass(slots=True)
+class _RestartBudget:
+    """Exits within the window (crash loop) and consecutive quick exits (backoff)."""
+
+    failures: deque[float] = field(default_factory=deque)
+    consecutive: int = 0
+
+    def exceeded(self, now: float, policy: Policy) -> bool:
+        """Count an exit at `now`; True when it makes more than max_restarts within restart_window."""
+        self.failures.append(now)
+        while self.failures and self.failures[0] < now - policy.restart_window:
+            self.failures.popleft()
+        return len(self.failures) > policy.max_restarts
+
+    def delay(self, stable: bool, policy: Policy) -> float:
+        """The next backoff: doubling per consecutive quick exit, reset by a stable run, capped."""
+        self.consecutive = 1 if stable else self.consecutive + 1
+        return min(policy.backoff_initial * 2.0 ** (self.consecutive - 1), policy.backoff_max)
+
+
+@dataclass(slots=True)
 class Supervisor:
     """One proxy, one epoch at a time (two during an envoy hot restart)."""
 
     policy: Policy
     clock: Callable[[], float] = time.monotonic
-    state: State = State.STARTING
-    exit_status: int | None = None
-    current: Epoch | None = None
-    epochs: dict[int, Epoch] = field(default_factory=dict)  # running epochs by pid
-    restarts: int = 0
-    _next_epoch: int = 0
-    _failures: deque[float] = field(default_factory=deque)  # exit times within restart_window
-    _consecutive: int = 0
-    _deadline: float | None = None  # backoff end, drain end or stop end, by state
-    _next_probe: float | None = None
-    _notified_ready: bool = False
-    _forced: bool = False  # the tree had to be killed
+    state: State = field(init=False, default=State.NEW)
+    exit_status: int | None = field(init=False, default=None)
+    current: Epoch | None = field(init=False, default=None)
+    epochs: dict[int, Epoch] = field(init=False, default_factory=dict)  # running epochs by pid
+    restarts: int = field(init=False, default=0)
+    _next_epoch: int = field(init=False, default=0)
+    _budget: _RestartBudget = field(init=False, default_factory=_RestartBudget)
+    _deadline: float | None = field(init=False, default=None)  # of the state: backoff, drain or stop end
+    _next_probe: float | None = field(init=False, default=None)
+    _forced: bool = field(init=False, default=False)  # the tree had to be killed
 
     # ---- events -----------------------------------------------------------------------------
     def start(self) -> list[Action]:
@@ -151,8 +186,7 @@ class Supervisor:
                  extra={"ISTIO_EVENT": "ready", "ISTIO_EPOCH": epoch, "ISTIO_CHILD_PID": record.pid})
         actions: list[Action] = []
         if self.state in (State.STARTING, State.RELOADING):
-            self.state = State.RUNNING
-            self._notified_ready = True
+            self._enter(State.RUNNING)
             actions.append(Notify("READY=1"))
         actions.append(self._status())
         return actions
@@ -194,16 +228,14 @@ class Supervisor:
             return [Notify("STOPPING=1"), *self._finish(clean=True)]
         actions: list[Action] = [Notify("STOPPING=1")]
         if self.policy.hot_restart:
-            self.state = State.DRAINING
-            self._deadline = now + self.policy.termination_drain
+            self._enter(State.DRAINING, deadline=now + self.policy.termination_drain)
             self._next_probe = now
             log.info("Draining: listeners drain for up to %.1fs", self.policy.termination_drain,
                      extra={"ISTIO_EVENT": "drain"})
-            actions += [Drain(pid) for pid in live]
+            actions.append(Drain())
         else:
             # pilot-agent drains Envoy itself on SIGTERM (for TERMINATION_DRAIN_DURATION).
-            self.state = State.STOPPING
-            self._deadline = now + self.policy.termination_drain + self.policy.stop_timeout
+            self._enter(State.STOPPING, deadline=now + self.policy.termination_drain + self.policy.stop_timeout)
             log.info("Stopping: SIGTERM to pilot-agent, which drains Envoy for %.1fs",
                      self.policy.termination_drain, extra={"ISTIO_EVENT": "drain"})
             actions += [Signal(pid, signal.SIGTERM) for pid in live]
@@ -222,10 +254,16 @@ class Supervisor:
             # A third Envoy would terminate the draining one at once, cutting its connections.
             log.warning("Reload ignored: the previous epoch is still handing over (ENVOY_PARENT_SHUTDOWN_TIME_S)")
             return []
-        self.state = State.RELOADING
+        self._enter(State.RELOADING)
         log.info("Hot restart: starting epoch %s beside epoch %s", self._next_epoch, self.current.number,
                  extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
         return [Notify("RELOADING=1"), *self._spawn(restart_epoch=self.current.restart_epoch + 1)]
+
+    def reopen_logs(self) -> list[Action]:
+        """SIGUSR1: Envoy reopens its access logs on SIGUSR1 too, so every epoch gets it; pilot-agent would not."""
+        if not self.policy.hot_restart:
+            return []
+        return [Signal(pid, signal.SIGUSR1) for pid in self.epochs]
 
     def connections(self, count: int | None) -> list[Action]:
         """Active downstream connections while draining (None: unknown, wait for the deadline)."""
@@ -253,10 +291,10 @@ class Supervisor:
         if self._next_probe is not None and now >= self._next_probe:
             if self.state is State.DRAINING:
                 self._next_probe = now + self.policy.poll_interval
-                actions += [CountConnections(pid) for pid in self.epochs]
+                actions.append(CountConnections())
             elif self.current is not None and not self.current.ready:
                 self._next_probe = now + self.policy.probe_interval
-                actions.append(ProbeReady(self.current.number))
+                actions.append(ProbeReady(self.current.number, self.current.restart_epoch))
         return actions
 
     def next_deadline(self) -> float | None:
@@ -265,13 +303,22 @@ class Supervisor:
         return min(times) if times else None
 
     # ---- internals ----------------------------------------------------------------------------
+    def _enter(self, state: State, *, deadline: float | None = None) -> None:
+        """The one place the state changes: checked against ALLOWED, logged once, with its deadline."""
+        if state not in ALLOWED[self.state]:
+            raise AssertionError(f"transition {self.state} -> {state} is not allowed")
+        log.info("State %s -> %s", self.state, state,
+                 extra={"ISTIO_EVENT": "state", "ISTIO_STATE": str(state), "ISTIO_PREVIOUS_STATE": str(self.state)})
+        self.state = state
+        self._deadline = deadline
+
     def _spawn(self, restart_epoch: int) -> list[Action]:
         now = self.clock()
         record = Epoch(self._next_epoch, restart_epoch, now)
         self._next_epoch += 1
         self.current = record
         if self.state is not State.RELOADING:
-            self.state = State.STARTING
+            self._enter(State.STARTING)
         self._next_probe = now + self.policy.probe_interval
         return [Spawn(record.number, restart_epoch)]
 
@@ -287,44 +334,35 @@ class Supervisor:
         actions: list[Action] = [] if record.pid is None else [KillTree(record.pid)]
         if self.state is State.RELOADING and survivors:
             self.current = survivors[-1]
-            self.state = State.RUNNING
+            self._enter(State.RUNNING)
             log.error("Hot restart to epoch %s failed (%s); epoch %s keeps serving", record.number, reason,
                       self.current.number, extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": record.number})
             return [*actions, Notify("READY=1"), self._status()]
-        self._failures.append(now)
-        while self._failures and self._failures[0] < now - self.policy.restart_window:
-            self._failures.popleft()
-        if len(self._failures) > self.policy.max_restarts:
+        if self._budget.exceeded(now, self.policy):
             log.error("Giving up: %s exits within %.0fs (ISTIO_VM_MAX_RESTARTS=%s); last: %s",
-                      len(self._failures), self.policy.restart_window, self.policy.max_restarts, reason,
+                      len(self._budget.failures), self.policy.restart_window, self.policy.max_restarts, reason,
                       extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number})
             self.current = None
             return [*actions, *[KillTree(pid) for pid in self.epochs], *self._finish(status=ExitStatus.CRASH_LOOP)]
-        stable = now - record.started >= self.policy.backoff_reset
-        self._consecutive = 1 if stable else self._consecutive + 1
-        delay = min(self.policy.backoff_initial * 2 ** (self._consecutive - 1), self.policy.backoff_max)
-        self.state = State.BACKOFF
+        delay = self._budget.delay(now - record.started >= self.policy.backoff_reset, self.policy)
         self.current = None
         self.restarts += 1
-        self._deadline = now + delay
+        self._enter(State.BACKOFF, deadline=now + delay)
         self._next_probe = None
         log.warning("Restarting in %.1fs (restart %s)", delay, self.restarts,
                     extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
         return [*actions, self._status()]
 
     def _stop_now(self, now: float) -> list[Action]:
-        self.state = State.STOPPING
-        self._deadline = now + self.policy.stop_timeout
+        self._enter(State.STOPPING, deadline=now + self.policy.stop_timeout)
         self._next_probe = None
         return [*[Signal(pid, signal.SIGTERM) for pid in self.epochs], self._status()]
 
     def _finish(self, *, clean: bool = True, status: int | None = None) -> list[Action]:
-        if status is None:
-            status = ExitStatus.OK if clean else ExitStatus.FAILURE
-        self.state = State.STOPPED
-        self.exit_status = status
-        self._deadline = self._next_probe = None
-        return [self._status(), Exit(status)]
+        self.exit_status = status if status is not None else ExitStatus.OK if clean else ExitStatus.FAILURE
+        self._enter(State.STOPPED)
+        self._next_probe = None
+        return [self._status()]
 
     def _status(self) -> Notify:
         return Notify(f"STATUS={self.status_text()}")
@@ -340,3 +378,37 @@ class Supervisor:
             return f"waiting to start epoch {self._next_epoch}, {restarts}"
         pids = ", ".join(str(p) for p in sorted(self.epochs)) or "none"
         return f"{self.state}, pids {pids}, {restarts}"
+
+
+# ---- wait statuses in words ---------------------------------------------------------------------
+def describe_exit(status: int) -> str:
+    """Why a child ended, as operators read it in the journal (after supervisor's decode_wait_status
+    and gunicorn's "Perhaps out of memory?").
+
+    >>> describe_exit(256)
+    'exited with status 1'
+    >>> describe_exit(9)
+    'killed by SIGKILL (perhaps out of memory?)'
+    """
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        text = f"killed by {name}"
+        if os.WCOREDUMP(status):
+            text += " (core dumped)"
+        elif number == signal.SIGKILL:
+            text += " (perhaps out of memory?)"
+        return text
+    return f"ended with wait status {status:#x}"
+
+
+def exited_cleanly(status: int) -> bool:
+    """Exit status 0, or the SIGTERM we sent: a proxy that stopped as asked."""
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status) == 0
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

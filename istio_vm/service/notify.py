@@ -1,13 +1,14 @@
 """Tell systemd what happens: READY=1, STATUS=, RELOADING=1, STOPPING=1, WATCHDOG=1.
 
 A thin wrapper over systemd-python's `systemd.daemon.notify`, with the sender injectable so tests
-record the messages; outside systemd (no NOTIFY_SOCKET) sending does nothing.
+record the messages; outside systemd (no NOTIFY_SOCKET) sending does nothing. `watchdog_interval`
+reads WatchdogSec= from the environment systemd gives the service.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +33,12 @@ class Notifier:
             self._send(message)
         except OSError as e:
             log.debug("sd_notify(%r) failed: %s", message, e)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """How often to send WATCHDOG=1: half of WATCHDOG_USEC, if it is meant for this process."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    watched = environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (watched and watched != str(pid)):
+        return None
+    return int(usec) / 2e6

@@ -13,14 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from istio_vm.config.host import User
-from istio_vm.errors import ExitStatus, IstioVmError
+from istio_vm.errors import PrivilegeError
 
 log = logging.getLogger(__name__)
 PR_SET_NO_NEW_PRIVS = 38
-
-
-class PrivilegeError(IstioVmError):
-    status = ExitStatus.NOPERM
 
 
 @dataclass(frozen=True, slots=True)

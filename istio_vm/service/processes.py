@@ -1,4 +1,4 @@
-"""Starting, signalling and reaping child processes: the only module that calls fork/exec and kill.
+"""Starting, signalling and reaping the proxy's processes (the loop's `ProcessOps` seam).
 
 Children start in their own session (so a process group per epoch), with stdout and stderr on pipes
 for the log relay; the supervisor is a child subreaper, so what a child leaves behind (pilot-agent's
@@ -36,6 +36,7 @@ class ProcessOps(Protocol):
     def signal(self, pid: int, signum: int) -> None: ...
     def kill_tree(self, pid: int, keep: Iterable[int]) -> None: ...
     def reap(self) -> list[tuple[int, int]]: ...
+    def remove_foreign(self, path: str) -> None: ...
 
 
 def become_subreaper() -> None:
@@ -101,3 +102,14 @@ class RealProcessOps:
                 break
             reaped.append((pid, status))
         return reaped
+
+    def remove_foreign(self, path: str) -> None:
+        """Remove `path` if another user owns it (a file we own is left alone)."""
+        try:
+            if os.stat(path).st_uid != os.geteuid():
+                os.unlink(path)
+                log.info("Removed %s (left by another user)", path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("Cannot remove %s: %s", path, e)

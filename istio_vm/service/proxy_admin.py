@@ -1,7 +1,8 @@
-"""HTTP calls to the proxy on localhost: readiness, drain, active connections.
+"""What the loop asks the proxy over HTTP on localhost: readiness, drain, active connections.
 
-Every call has a short timeout and checks the status code (1.9's agent had neither): a hung admin
-port must not hang the supervisor.
+`ProxyAdmin` is the loop's seam; `admin_for()` picks pilot-agent's readiness port or Envoy's admin
+API for a `ProxyCommand`. Every call has a short timeout and checks the status code (1.9's agent had
+neither): a hung admin port must not hang the supervisor.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ import http.client
 import json
 import logging
 import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from istio_vm.service.proxy_command import ProxyCommand
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 1.0
+AGENT_READINESS_PORT = 15021  # pilot-agent's /healthz/ready (served by its Envoy)
 _PER_THREAD = re.compile(r"\.(worker_\d+|main_thread)$")
 _ACTIVE = re.compile(r"^listener\.(?P<name>[^:]+)\.downstream_cx_active: (?P<count>\d+)$", re.MULTILINE)
 
@@ -28,7 +34,7 @@ def request(port: int, method: str, path: str, timeout: float = TIMEOUT) -> tupl
         connection.close()
 
 
-def agent_ready(port: int = 15021) -> bool:
+def agent_ready(port: int = AGENT_READINESS_PORT) -> bool:
     """pilot-agent's readiness, as Envoy's :15021 serves it (`/healthz/ready` answers 200)."""
     try:
         status, _ = request(port, "GET", "/healthz/ready")
@@ -74,3 +80,45 @@ def active_connections(port: int) -> int | None:
     counts = [int(m["count"]) for m in _ACTIVE.finditer(body)
               if m["name"] != "admin" and not _PER_THREAD.search(m["name"])]
     return sum(counts)
+
+
+class ProxyAdmin(Protocol):
+    def ready(self, restart_epoch: int) -> bool: ...
+    def drain(self) -> None: ...
+    def active_connections(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAdmin:
+    port: int = AGENT_READINESS_PORT
+
+    def ready(self, restart_epoch: int) -> bool:
+        return agent_ready(self.port)
+
+    def drain(self) -> None:  # pilot-agent drains Envoy itself on SIGTERM
+        pass
+
+    def active_connections(self) -> int | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyAdmin:
+    port: int
+    inbound_only: bool
+
+    def ready(self, restart_epoch: int) -> bool:
+        return envoy_ready(self.port, restart_epoch)
+
+    def drain(self) -> None:
+        drain(self.port, inbound_only=self.inbound_only)
+
+    def active_connections(self) -> int | None:
+        return active_connections(self.port)
+
+
+def admin_for(command: ProxyCommand) -> ProxyAdmin:
+    """Envoy's admin API when the proxy is Envoy itself, else pilot-agent's readiness port."""
+    if command.admin_port is None:
+        return AgentAdmin()
+    return EnvoyAdmin(command.admin_port, inbound_only=command.drain_inbound_only)

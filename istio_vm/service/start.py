@@ -16,27 +16,27 @@ from collections.abc import Callable, Iterator
 
 from istio_vm import logs
 from istio_vm.config.model import Config
-from istio_vm.errors import ExitStatus, IstioVmError
+from istio_vm.errors import ExitStatus, LockedError
 from istio_vm.service import privileges
-from istio_vm.service.loop import Daemon, admin_for
-from istio_vm.service.notify import Notifier
+from istio_vm.service.loop import SIGNALS, Loop
+from istio_vm.service.machine import Policy, Supervisor
+from istio_vm.service.notify import Notifier, watchdog_interval
 from istio_vm.service.processes import RealProcessOps, become_subreaper
+from istio_vm.service.proxy_admin import admin_for
+from istio_vm.service.proxy_command import proxy_command
+from istio_vm.service.proxy_output import ProxyOutput
 from istio_vm.service.signals import captured
 
 log = logging.getLogger(__name__)
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
-LOCK_FILE = "lock"
-
-
-class LockedError(IstioVmError):
-    status = ExitStatus.LOCKED
+HANDLED = (*SIGNALS, signal.SIGCHLD)  # SIGCHLD wakes the loop's select
+RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str) -> Iterator[None]:
     """One `istio-vm start` at a time per host: an flock on RUN_DIR/lock holding our pid."""
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
+    path = os.path.join(run_dir, RUN_LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
@@ -53,7 +53,7 @@ def run_lock(run_dir: str) -> Iterator[None]:
 
 def running_pid(run_dir: str) -> int | None:
     """The pid of the running `istio-vm start`, if one holds the lock."""
-    path = os.path.join(run_dir, LOCK_FILE)
+    path = os.path.join(run_dir, RUN_LOCK)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -88,26 +88,19 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
 
 
 def supervise(config: Config) -> int:
+    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service."""
     identity = privileges.resolve(config.agent.exec_user)
     become_subreaper()
     raise_nofile()
     privileges.drop_to(identity)
-    target = logs.choose_target(config.supervision.log_target)
-    name = "envoy" if config.supervision.proxy == "envoy" else "pilot-agent"
-    output = logs.ChildOutput(target, name=name, log_dir=config.agent.log_dir)
-    watchdog = _watchdog_interval()
+    command = proxy_command(config, identity.environment())
+    output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
+                         log_dir=config.agent.log_dir)
+    supervisor = Supervisor(Policy.of(config.supervision, hot_restart=command.hot_restart))
     try:
         with captured(HANDLED) as queue:
-            daemon = Daemon(config, RealProcessOps(), Notifier(), output, admin_for(config),
-                            identity_env=identity.environment(), watchdog_interval=watchdog)
-            return daemon.run(queue)
+            loop = Loop(supervisor, command, RealProcessOps(), Notifier(), output, admin_for(command),
+                        watchdog_interval=watchdog_interval(os.environ, os.getpid()))
+            return loop.run(queue)
     finally:
         output.close()
-
-
-def _watchdog_interval() -> float | None:
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6

@@ -1,34 +1,144 @@
-"""The pure core imports no effect modules: it can be tested with plain values."""
+"""Purity is structural: every module sits on the pure or the edge side of its folder's map, and the
+pure ones, imported in a fresh interpreter, load nothing that touches the host, transitively.
+
+Each package folder's __init__.py docstring maps its modules ("Pure side:" and "Edge side:"); these
+tests hold the code to that map, so the map cannot go stale and a new module must be placed. The
+wings are layered too: config imports nothing of iptables or service, iptables nothing of service.
+"""
 
 from __future__ import annotations
 
 import ast
+import json
+import re
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "istio_vm"
-PURE = ["config/envfile", "config/checks", "config/settings", "config/render", "errors", "iptables/plan",
-        "iptables/rules", "iptables/explain", "iptables/dot", "config/start_args", "service/proxy_command",
-        "iptables/found", "iptables/saved", "iptables/restore_input", "service/exits", "service/machine"]
-# The supervisor and exits name signals (SIGTERM is a number to send or to decode) but never send one.
-ALLOWED = {"service/machine": {"signal"}, "service/exits": {"signal"}}
-FORBIDDEN = {"subprocess", "socket", "signal", "psutil", "systemd", "ctypes", "urllib", "http"}
+FOLDERS = ["", "config", "iptables", "service"]
+# What touches the host: processes, sockets, file locks, C calls, the proxy's admin, and the two
+# libraries of the edge (the env-file lexer and systemd's C extension).
+FORBIDDEN = frozenset({"subprocess", "ctypes", "socket", "selectors", "fcntl", "psutil", "systemd", "dotenv"})
+LAYERS = {"config": {"iptables", "service"}, "iptables": {"service"}}  # wing -> wings it must not import
+_ENTRY = re.compile(r"^ {4}(\w+) {2,}\S", re.MULTILINE)
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_pure_module_imports_no_effects(module: str) -> None:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & (FORBIDDEN - ALLOWED.get(module, set()))
-    calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
-    os_calls = {c for c in calls if c.startswith("os.")}
-    assert {c for c in os_calls if not c.startswith("os.W")} <= {"os.fspath"}  # os.WIFEXITED & co. decode
-    assert not {c for c in calls if c.startswith("signal.") and c != "signal.Signals"}
+def module_name(folder: str, name: str) -> str:
+    return ".".join(part for part in ("istio_vm", folder, name) if part)
+
+
+@cache
+def folder_map(folder: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(pure, edge) module names of a folder, as its __init__.py docstring maps them."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text())) or ""
+    pure_text, _, edge_text = doc.partition("\nEdge side")
+    _, _, pure_text = pure_text.partition("\nPure side")
+    return frozenset(_ENTRY.findall(pure_text)), frozenset(_ENTRY.findall(edge_text))
+
+
+def pure_modules() -> list[str]:
+    return sorted(module_name(folder, name) for folder in FOLDERS for name in folder_map(folder)[0])
+
+
+def edge_modules() -> frozenset[str]:
+    return frozenset(module_name(folder, name) for folder in FOLDERS for name in folder_map(folder)[1])
+
+
+@cache
+def loaded_by(module: str) -> frozenset[str]:
+    """Every module in sys.modules after importing `module` alone in a fresh interpreter."""
+    code = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return frozenset(json.loads(done.stdout))
+
+
+def _path_of(module: str) -> Path:
+    base = PACKAGE.parent / module.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The modules a module imports when it is imported (not in function bodies, not under
+    TYPE_CHECKING); `from a import b` counts as a.b only where the package has such a module."""
+    def walk(nodes: Iterable[ast.AST]) -> Iterator[str]:
+        for node in nodes:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from walk(node.orelse)
+            elif isinstance(node, ast.Import):
+                yield from (alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module
+                yield from (f"{node.module}.{alias.name}" for alias in node.names
+                            if node.module.startswith("istio_vm") and _path_of(f"{node.module}.{alias.name}").exists())
+            else:
+                yield from walk(ast.iter_child_nodes(node))
+
+    return set(walk(ast.parse(path.read_text()).body))
+
+
+def why(module: str, offender: str) -> str:
+    """The import chain, through the package's own modules, from `module` to one that imports `offender`."""
+    queue, seen = deque([[module]]), {module}
+    while queue:
+        chain = queue.popleft()
+        imports = _module_level_imports(_path_of(chain[-1]))
+        direct = sorted(i for i in imports if i == offender or i.startswith(offender + "."))
+        if direct:
+            return " -> ".join([*chain, direct[0]])
+        for name in sorted(imports):
+            if name.startswith("istio_vm") and name not in seen and _path_of(name).exists():
+                seen.add(name)
+                queue.append([*chain, name])
+        stdlib = sorted(i for i in imports if i.split(".")[0] in sys.stdlib_module_names and offender in loaded_by(i))
+        if stdlib:
+            return " -> ".join([*chain, stdlib[0], f"(which loads {offender})"])
+    return f"{module} -> ... -> {offender}"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_module_is_on_one_side_of_its_folders_map(folder: str) -> None:
+    pure, edge = folder_map(folder)
+    present = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.name != "__init__.py"}
+    assert pure, f"istio_vm/{folder}/__init__.py has no 'Pure side' map"
+    assert not pure & edge, f"on both sides of the map: {sorted(pure & edge)}"
+    assert pure | edge == present, (f"istio_vm/{folder}/__init__.py maps {sorted(pure | edge - present)} that do not "
+                                    f"exist and misses {sorted(present - pure - edge)}")
+
+
+def test_package_init_files_define_nothing() -> None:
+    for folder in FOLDERS[1:]:
+        body = ast.parse((PACKAGE / folder / "__init__.py").read_text()).body
+        assert len(body) == 1, f"istio_vm/{folder}/__init__.py: a docstring and nothing else"
+        assert isinstance(body[0], ast.Expr), f"istio_vm/{folder}/__init__.py: a docstring and nothing else"
+
+
+@pytest.mark.parametrize("module", pure_modules())
+def test_pure_module_loads_nothing_that_touches_the_host(module: str) -> None:
+    loaded = loaded_by(module)
+    touching = sorted(m for m in FORBIDDEN if m in loaded)
+    if touching:  # name the chain to the import that does it, not to what that import loads in turn
+        chains = sorted((why(module, m) for m in touching), key=lambda chain: ("which loads" in chain, len(chain)))
+        pytest.fail(f"{module} loads {touching}: {chains[0]}")
+    edge = sorted(loaded & edge_modules())
+    assert not edge, f"{module} loads the edge module {edge[0]}: {why(module, edge[0])}"
+
+
+@pytest.mark.parametrize("module", sorted(
+    module_name(wing, path.stem) for wing in LAYERS for path in (PACKAGE / wing).glob("*.py")))
+def test_wings_are_layered(module: str) -> None:
+    wing = module.split(".")[1]
+    for lower in LAYERS[wing]:
+        above = sorted(m for m in loaded_by(module) if m.startswith(f"istio_vm.{lower}"))
+        assert not above, f"{module} ({wing}) loads {above[0]}: {why(module, above[0])}"

@@ -11,7 +11,6 @@ from istio_vm.errors import ExitStatus
 from istio_vm.service.machine import (
     CountConnections,
     Drain,
-    Exit,
     KillTree,
     Notify,
     Policy,
@@ -60,9 +59,9 @@ def test_ready_only_after_the_probe_succeeds() -> None:
     assert sv.next_deadline() == pytest.approx(clock.now + 0.5)
     assert sv.tick() == []  # not yet
     clock.advance(0.5)
-    assert sv.tick() == [ProbeReady(0)]
+    assert sv.tick() == [ProbeReady(0, 0)]
     clock.advance(0.5)
-    assert sv.tick() == [ProbeReady(0)]  # still not ready: probe again
+    assert sv.tick() == [ProbeReady(0, 0)]  # still not ready: probe again
     actions = sv.ready(0)
     assert notifications(actions) == ["READY=1", "STATUS=epoch 0 running, pid 100, 0 restarts"]
     assert sv.state is State.RUNNING
@@ -101,7 +100,7 @@ def test_crash_loop_gives_up_with_distinct_status() -> None:
         assert sv.tick() == [Spawn(n + 1, 0)]
         sv.spawned(n + 1, 101 + n)
     actions = sv.exited(102, KILLED)
-    assert actions[-1] == Exit(ExitStatus.CRASH_LOOP)
+    assert notifications(actions)[-1].startswith("STATUS=stopped")
     assert sv.state is State.STOPPED
     assert sv.exit_status == 3
 
@@ -113,8 +112,8 @@ def test_failures_outside_the_window_do_not_count() -> None:
     clock.advance(11)
     sv.tick()
     sv.spawned(1, 101)
-    actions = sv.exited(101, EXIT_1)
-    assert not any(isinstance(a, Exit) for a in actions)
+    sv.exited(101, EXIT_1)
+    assert sv.state is State.BACKOFF  # not given up
 
 
 def test_exit_0_of_pilot_agent_is_a_failure_too() -> None:
@@ -138,8 +137,8 @@ def test_agent_stop_forwards_sigterm_then_kills_the_tree_after_the_grace() -> No
     assert sv.tick() == []
     clock.advance(0.1)
     assert sv.tick() == [KillTree(100)]
-    actions = sv.exited(100, KILLED)
-    assert actions[-1] == Exit(ExitStatus.FAILURE)  # it had to be killed
+    sv.exited(100, KILLED)
+    assert (sv.state, sv.exit_status) == (State.STOPPED, ExitStatus.FAILURE)  # it had to be killed
 
 
 def test_clean_agent_stop_exits_0_and_kills_leftovers() -> None:
@@ -148,7 +147,7 @@ def test_clean_agent_stop_exits_0_and_kills_leftovers() -> None:
     sv.terminate()
     actions = sv.exited(100, 0)
     assert actions[0] == KillTree(100)  # an Envoy pilot-agent left behind
-    assert actions[-1] == Exit(0)
+    assert (sv.state, sv.exit_status) == (State.STOPPED, 0)
 
 
 def test_envoy_drain_waits_for_zero_connections_then_sigterm() -> None:
@@ -156,17 +155,18 @@ def test_envoy_drain_waits_for_zero_connections_then_sigterm() -> None:
     started(sv)
     sv.ready(0)
     actions = sv.terminate()
-    assert [a for a in actions if not isinstance(a, Notify)] == [Drain(100)]
+    assert [a for a in actions if not isinstance(a, Notify)] == [Drain()]
     assert notifications(actions)[0] == "STOPPING=1"
     assert sv.state is State.DRAINING
-    assert sv.tick() == [CountConnections(100)]
+    assert sv.tick() == [CountConnections()]
     assert sv.connections(3) == []
     clock.advance(0.25)
-    assert sv.tick() == [CountConnections(100)]
+    assert sv.tick() == [CountConnections()]
     actions = sv.connections(0)
     assert Signal(100, signal.SIGTERM) in actions
     assert sv.state is State.STOPPING
-    assert sv.exited(100, TERMED)[-1] == Exit(0)
+    sv.exited(100, TERMED)
+    assert (sv.state, sv.exit_status) == (State.STOPPED, 0)
 
 
 def test_envoy_drain_deadline_then_second_sigterm_shortens() -> None:
@@ -239,7 +239,7 @@ def test_stop_during_backoff_exits_at_once() -> None:
     sv.exited(100, EXIT_1)
     actions = sv.terminate()
     assert actions[0] == Notify("STOPPING=1")
-    assert actions[-1] == Exit(0)
+    assert (sv.state, sv.exit_status) == (State.STOPPED, 0)
 
 
 def test_spawn_failure_counts_as_an_exit() -> None:
