@@ -148,7 +148,7 @@ class Notifications:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            select.select([self.svc.notify], [], [], 0.1)
+            select.select([self.svc.notify.socket], [], [], 0.1)
             with self._lock:
                 self.svc.read_notifications()
 

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,10 @@ from testbed.app import App
 from testbed.envoy import base_id, envoy_binary, remove_shm
 from testbed.load import Load
 from testbed.netns import CLIENT_V4, VM_V4, Netns, pair
+from testbed.service import NotifySocket, envoy_settings, istio_vm_command
 from testbed.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-ISTIO_VM = Path(sys.executable).parent / "istio-vm"
 EXAMPLES = Path(str(importlib.resources.files("istio_vm") / "examples"))
 USER_UID = 12345  # an ordinary user of the VM (not the proxy): its connections are captured
 
@@ -43,35 +42,25 @@ def heading(text: str) -> None:
 
 
 
-
 class Daemon:
     """`istio-vm start` in the vm namespace, its stderr in a file, its sd_notify datagrams on a socket."""
 
     def __init__(self, vm: Netns, workdir: Path) -> None:
-        self.workdir, self.log_path = workdir, workdir / "istio-vm.log"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(workdir / "notify.sock"))
-        os.chmod(workdir / "notify.sock", 0o777)  # istio-vm sends as istio-proxy
-        self.notify.setblocking(False)
-        self.messages: list[str] = []
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "NOTIFY_SOCKET": str(workdir / "notify.sock"), "ISTIO_VM_RUN_DIR": str(workdir / "run")}
+        self.vm, self.workdir, self.log_path = vm, workdir, workdir / "istio-vm.log"
+        self.notify = NotifySocket(workdir / "notify.sock")
+        self.env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                    "NOTIFY_SOCKET": str(workdir / "notify.sock"), "ISTIO_VM_RUN_DIR": str(workdir / "run")}
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
-                 "--cluster-env", str(workdir / "cluster.env"), "start"],
-                env=env, stdout=log, stderr=log, start_new_session=True)
-        self.env = env
+            self.proc = subprocess.Popen(self.command("start"), env=self.env, stdout=log, stderr=log,
+                                         start_new_session=True)
 
-    def notified(self, text: str) -> bool:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.messages.append(self.notify.recv(65536).decode())
-        return any(text in m for m in self.messages)
+    def command(self, *args: str) -> list[str]:
+        """`istio-vm ARGS` in the vm namespace, on the demo's env files."""
+        return istio_vm_command(self.vm.name, self.workdir / "sidecar.env", self.workdir / "cluster.env", *args)
 
     def wait(self, text: str, timeout: float = 30) -> None:
-        wait_for(lambda: self.notified(text) or self.proc.poll() is not None, timeout, f"sd_notify {text!r}")
-        if not self.notified(text):
+        wait_for(lambda: self.notify.seen(text) or self.proc.poll() is not None, timeout, f"sd_notify {text!r}")
+        if not self.notify.seen(text):
             raise RuntimeError(f"istio-vm start exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
 
     def log(self) -> str:
@@ -110,20 +99,22 @@ def demo(workdir: Path, base: int) -> bool:
         vm, client = net.vm, net.client
         bootstrap = workdir / "envoy-bootstrap.yaml"
         shutil.copy(EXAMPLES / "envoy-bootstrap.yaml", bootstrap)
-        settings = {"ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy_binary()), "ENVOY_BOOTSTRAP": str(bootstrap),
-                    "ENVOY_BASE_ID": str(base), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3"}
+        envoy = envoy_binary()
+        assert envoy is not None
+        settings = envoy_settings(envoy, bootstrap, base)
         cluster = (EXAMPLES / "cluster.env").read_text() + "".join(f"{k}={v}\n" for k, v in settings.items())
         (workdir / "cluster.env").write_text(cluster)
-        for path in (bootstrap, workdir / "cluster.env"):
+        # Copies with the modes a root process accepts, whatever the checkout's umask made of the examples.
+        shutil.copy(EXAMPLES / "sidecar.env", workdir / "sidecar.env")
+        for path in (bootstrap, workdir / "cluster.env", workdir / "sidecar.env"):
             path.chmod(0o644)
         heading("The configuration: the reference Istio 1.9.4 VM, in envoy mode (cluster.env)")
         print(cluster, end="")
 
         heading("The capture rules it installs (istio-vm iptables explain)")
-        explained = subprocess.run(
-            ["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
-             "--cluster-env", str(workdir / "cluster.env"), "iptables", "explain"],
-            capture_output=True, text=True, check=True).stdout
+        explained = subprocess.run(istio_vm_command(vm.name, workdir / "sidecar.env", workdir / "cluster.env",
+                                                    "iptables", "explain"),
+                                   capture_output=True, text=True, check=True).stdout
         print(explained, end="")
 
         with vm.entered():
@@ -162,9 +153,7 @@ def demo(workdir: Path, base: int) -> bool:
             with client.entered():
                 load = Load(VM_V4, 8080, keepalive_threads=2, fresh_threads=2).start()
             load.wait_ok(100)
-            subprocess.run(["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env",
-                            str(EXAMPLES / "sidecar.env"), "--cluster-env", str(workdir / "cluster.env"), "reload"],
-                           env=daemon.env, check=True)
+            subprocess.run(daemon.command("reload"), env=daemon.env, check=True)
             daemon.wait("STATUS=epoch 1 running")
             wait_for(lambda: daemon.lines(r"Epoch 0 \(previous\) exited"), 15, "epoch 0 to hand over and exit")
             load.wait_ok(100)
@@ -196,9 +185,7 @@ def demo(workdir: Path, base: int) -> bool:
             outside.stop()
 
         heading("After stop: `istio-vm iptables clean` (the unit's ExecStopPost) removes every rule")
-        subprocess.run(["ip", "netns", "exec", vm.name, str(ISTIO_VM), "--sidecar-env", str(EXAMPLES / "sidecar.env"),
-                        "--cluster-env", str(workdir / "cluster.env"), "iptables", "clean"],
-                       env=daemon.env, check=True, capture_output=True)
+        subprocess.run(daemon.command("iptables", "clean"), env=daemon.env, check=True, capture_output=True)
         istio_rules = [line for line in vm.run("iptables-save").stdout.splitlines() if "ISTIO" in line]
         print(f"ISTIO rules left in the vm: {len(istio_rules)}; Envoys left: {len(leftovers(base))}")
         ok &= not istio_rules

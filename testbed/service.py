@@ -2,7 +2,8 @@
 
 A `Service` has its own world-readable work directory (the daemon drops to istio-proxy, which
 cannot read pytest's 0700 tmp dirs), a NOTIFY_SOCKET datagram socket the test reads, and the
-double's record of what it was started with and what it received.
+double's record of what it was started with and what it received. The pieces the demo and the
+benchmarks share: `istio_vm_command`, `envoy_settings`, `NotifySocket`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from testbed.netns import Netns
 from testbed.wait import wait_for
 
 TESTBED = Path(__file__).parent
@@ -37,22 +39,46 @@ VENV_BIN = Path(sys.executable).parent
 ISTIO_VM = VENV_BIN / "istio-vm"
 
 
+def istio_vm_command(netns: str, sidecar_env: Path, cluster_env: Path, *args: str) -> list[str]:
+    """argv of `istio-vm --sidecar-env S --cluster-env C ARGS...` inside network namespace `netns`."""
+    return ["ip", "netns", "exec", netns, str(ISTIO_VM), "--sidecar-env", str(sidecar_env),
+            "--cluster-env", str(cluster_env), *args]
+
+
+def envoy_settings(envoy: Path, bootstrap: Path, base_id: int, **settings: str) -> dict[str, str]:
+    """cluster.env settings of envoy mode: the real Envoy, the bootstrap, a base id, short drain times."""
+    return {"ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy), "ENVOY_BOOTSTRAP": str(bootstrap),
+            "ENVOY_BASE_ID": str(base_id), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3", **settings}
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET for `istio-vm start` outside systemd: every sd_notify datagram it sent, in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(path))
+        os.chmod(path, 0o777)  # the daemon sends as istio-proxy
+        self.socket.setblocking(False)
+        self.messages: list[str] = []
+
+    def read(self) -> list[str]:
+        """Every message so far (the ones that arrived since the last look appended)."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.messages.append(self.socket.recv(65536).decode())
+        return self.messages
+
+    def seen(self, text: str) -> bool:
+        return any(text in m for m in self.read())
+
+    def close(self) -> None:
+        self.socket.close()
 
 
 def traversable_by_others(path: Path) -> bool:
     """Every directory on the way to `path` lets other users through (istio-proxy must import us)."""
     return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents] if p.is_dir())
-
-
-@contextlib.contextmanager
-def network_namespace() -> Iterator[str]:
-    name = f"istio-vm-svc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @dataclass
@@ -61,14 +87,14 @@ class Service:
     netns: str
     env: dict[str, str]
     proc: subprocess.Popen[str] | None = None
-    notify: socket.socket = field(init=False)
-    messages: list[str] = field(default_factory=list)
+    notify: NotifySocket = field(init=False)
 
     def __post_init__(self) -> None:
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.workdir / "notify.sock"))
-        os.chmod(self.workdir / "notify.sock", 0o777)  # the daemon sends as istio-proxy
-        self.notify.setblocking(False)
+        self.notify = NotifySocket(self.workdir / "notify.sock")
+
+    @property
+    def messages(self) -> list[str]:
+        return self.notify.messages
 
     @property
     def record_path(self) -> Path:
@@ -81,8 +107,7 @@ class Service:
         return path
 
     def command(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, str(ISTIO_VM), "--sidecar-env", str(self.workdir / "none.env"),
-                "--cluster-env", str(self.workdir / "cluster.env"), *args]
+        return istio_vm_command(self.netns, self.workdir / "none.env", self.workdir / "cluster.env", *args)
 
     def envoy_mode(self, envoy: Path, base_id: int, **settings: str) -> None:
         """The reference VM in envoy mode: istio-vm installs its rules and runs the real Envoy (bundled
@@ -92,9 +117,8 @@ class Service:
         bootstrap.chmod(0o644)
         self.env.pop("PROXY_UID", None)  # derived from the istio-proxy user, whom Envoy runs as
         self.env.pop("ISTIO_CUSTOM_IP_TABLES", None)  # istio-vm installs the reference rules itself
-        settings = {"ISTIO_VM_PROXY": "envoy", "ENVOY_BINARY": str(envoy), "ENVOY_BOOTSTRAP": str(bootstrap),
-                    "ENVOY_BASE_ID": str(base_id), "ENVOY_DRAIN_TIME_S": "2", "ENVOY_PARENT_SHUTDOWN_TIME_S": "3",
-                    "TERMINATION_DRAIN_DURATION": "5s", "ISTIO_VM_BACKOFF_INITIAL": "0.2s", **settings}
+        settings = envoy_settings(envoy, bootstrap, base_id, TERMINATION_DRAIN_DURATION="5s",
+                                  ISTIO_VM_BACKOFF_INITIAL="0.2s", **settings)
         self.write_env(REFERENCE_CLUSTER_ENV.read_text() + "".join(f"{k}={v}\n" for k, v in settings.items()))
 
     def start(self, *args: str) -> subprocess.Popen[str]:
@@ -119,15 +143,11 @@ class Service:
         return [r for r in lines if event is None or r["event"] == event]
 
     def read_notifications(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.notify.recv(65536).decode())
-            except BlockingIOError:
-                return self.messages
+        return self.notify.read()
 
     def wait_notification(self, text: str, timeout: float = 15) -> None:
         try:
-            wait_for(lambda: any(text in m for m in self.read_notifications()), timeout, f"notification {text!r}")
+            wait_for(lambda: self.notify.seen(text), timeout, f"notification {text!r}")
         except AssertionError as e:
             raise AssertionError(f"{e}; notifications: {self.messages}; daemon log:\n{self.log()[-4000:]}") from None
 
@@ -198,7 +218,7 @@ def service(extra_env: dict[str, str] | None = None, netns: str | None = None) -
             **(extra_env or {}),
         }
         with contextlib.ExitStack() as stack:
-            name = netns or stack.enter_context(network_namespace())
+            name = netns or stack.enter_context(Netns.temporary("svc")).name
             svc = Service(workdir, name, env)
             try:
                 yield svc

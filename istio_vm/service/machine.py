@@ -40,7 +40,7 @@ ALLOWED: dict[State, frozenset[State]] = {
     S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
     S.RUNNING: frozenset({S.RELOADING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
     S.RELOADING: frozenset({S.RUNNING, S.BACKOFF, S.DRAINING, S.STOPPING, S.STOPPED}),
-    S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
+    S.BACKOFF: frozenset({S.STARTING, S.DRAINING, S.STOPPING, S.STOPPED}),  # a previous epoch may still run
     S.DRAINING: frozenset({S.STOPPING, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.STOPPED: frozenset(),

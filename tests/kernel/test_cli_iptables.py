@@ -17,7 +17,7 @@ from tests.helpers import DATA
 REFERENCE = DATA / "reference-vm"
 ISTIO_VM = str(Path(sys.executable).parent / "istio-vm")
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")]
+pytestmark = pytest.mark.root
 
 
 class Vm:

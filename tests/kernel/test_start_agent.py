@@ -18,10 +18,7 @@ from tests.helpers import DATA
 
 ISTIO_START_19 = DATA / "istio-1.9" / "istio-start.sh"
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: privilege drop and network namespaces"),
-]
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module", autouse=True)

