@@ -1,6 +1,7 @@
 """The `istio-vm` command line: parse, build the config, call one function, map errors to a status.
 
-This is the only module that reads argv, writes to stdout and chooses the exit status.
+The commands read argv, write to stdout and choose their exit status here and nowhere else (verify's
+child process, iptables/canonical_netns.py, has its own small main).
 """
 
 from __future__ import annotations

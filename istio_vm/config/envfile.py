@@ -93,7 +93,7 @@ def evaluate(text: str, path: str, env: MutableMapping[str, str]) -> tuple[list[
 "s.env:3: C='${PATH}': ${PATH} is not set, so bash would expand its own default: set PATH in the \
 environment or write the value itself"]
     """
-    statements, problems = parse(text, path)
+    statements, problems = read_statements(text, path)
     assignments = []
     for st in statements:
         if not st.assign:
@@ -113,7 +113,7 @@ environment or write the value itself"]
     return assignments, problems
 
 
-def parse(text: str, path: str) -> tuple[list[_Statement], list[Problem]]:
+def read_statements(text: str, path: str) -> tuple[list[_Statement], list[Problem]]:
     """Lex one env file with python-dotenv and keep only what bash would read the same way."""
     file_problem = _check_file(text, path)
     if file_problem is not None:

@@ -119,7 +119,7 @@ def _rollback(runner: Runner, snap: Snapshot, progress: _Progress) -> list[str]:
 def _recorded_ip(previous: state.RunState, run_dir: str) -> list[IpCommand]:
     """The `ip` commands the last install recorded in the state file (a file: parsed, so checked)."""
     try:
-        return [ip_batch.parse(argv) for argv in previous.ip_commands]
+        return [ip_batch.parse_command(argv) for argv in previous.ip_commands]
     except ValueError as e:
         raise ApplyError(f"{run_dir}/{state.STATE_FILE}: {e}") from None
 

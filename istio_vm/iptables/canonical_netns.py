@@ -13,10 +13,10 @@ import sys
 from istio_vm.iptables.backend import binary
 from istio_vm.iptables.runner import Runner, SubprocessRunner
 
-TIMEOUT = 30.0
+TOOL_TIMEOUT = 30.0
 
 
-class _Refused(Exception):
+class _ToolFailed(Exception):
     pass
 
 
@@ -29,9 +29,9 @@ def restore_and_save(runner: Runner, backend: str, texts: dict[str, str]) -> dic
             continue
         for argv, given in (([binary(backend, int(family), "restore"), "--wait=10"], text),
                             ([binary(backend, int(family), "save")], None)):
-            done = runner.run(argv, input=given, timeout=TIMEOUT)
+            done = runner.run(argv, input=given, timeout=TOOL_TIMEOUT)
             if not done.ok:
-                raise _Refused(done.describe())
+                raise _ToolFailed(done.describe())
         saves[family] = done.stdout
     return saves
 
@@ -43,7 +43,7 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         json.dump(restore_and_save(SubprocessRunner(), argv[1], json.load(sys.stdin)), sys.stdout)
-    except _Refused as e:
+    except _ToolFailed as e:
         print(e, file=sys.stderr)
         return 1
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 OBJECTS = {"rule": "rule", "route": "route", "addr": "address", "address": "address"}
 VERBS = {"add": "add", "del": "del", "delete": "del"}
-FAMILIES = {"inet": "inet", "inet6": "inet6", "-4": "inet", "-6": "inet6"}
+FAMILY_OPTIONS = {"inet": "inet", "inet6": "inet6", "-4": "inet", "-6": "inet6"}
 _FAILED = re.compile(r"^Command failed -:(\d+)\s*$", re.MULTILINE)
 
 
@@ -39,7 +39,7 @@ class IpCommand:
         return IpCommand(argv, self.family, words)
 
 
-def parse(argv: Sequence[str]) -> IpCommand:
+def parse_command(argv: Sequence[str]) -> IpCommand:
     """Check one `ip` argv (rule/route/address add or del) and find which family option it needs."""
     args = tuple(argv)
     if not args or args[0] != "ip":
@@ -47,10 +47,10 @@ def parse(argv: Sequence[str]) -> IpCommand:
     family: str | None = None
     i = 1
     while i < len(args) and args[i].startswith("-"):
-        if args[i] in ("-f", "-family") and i + 1 < len(args) and args[i + 1] in FAMILIES:
-            family, i = FAMILIES[args[i + 1]], i + 2
+        if args[i] in ("-f", "-family") and i + 1 < len(args) and args[i + 1] in FAMILY_OPTIONS:
+            family, i = FAMILY_OPTIONS[args[i + 1]], i + 2
         elif args[i] in ("-4", "-6"):
-            family, i = FAMILIES[args[i]], i + 1
+            family, i = FAMILY_OPTIONS[args[i]], i + 1
         else:
             raise ValueError(f"unsupported ip option {args[i]!r} in {' '.join(args)}")
     words = args[i:]

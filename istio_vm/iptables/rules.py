@@ -109,7 +109,7 @@ class Plan:
                     if words[0] not in ("-A", "-I") or len(words) < 2:
                         raise TextError(f"line {number}: {line!r} is not -N, -A or -I")
                     rules[family].append(Rule(family, table, words[1], words))
-        return cls(tuple(rules[4]), tuple(rules[6]), tuple(ip_batch.parse(argv) for argv in ip_commands))
+        return cls(tuple(rules[4]), tuple(rules[6]), tuple(ip_batch.parse_command(argv) for argv in ip_commands))
 
     def rules(self, family: int) -> tuple[Rule, ...]:
         if family not in FAMILIES:
@@ -177,7 +177,7 @@ class Builder:
 
     def run(self, *argv: str) -> None:
         """Record an `ip` command that 1.9 ran on the spot, before any rule was applied."""
-        self._ip_commands.append(ip_batch.parse(argv))
+        self._ip_commands.append(ip_batch.parse_command(argv))
 
     def plan(self) -> Plan:
         return Plan(tuple(self._rules[4]), tuple(self._rules[6]), tuple(self._ip_commands))

@@ -18,13 +18,13 @@ from istio_vm.service.proxy_command import ProxyCommand
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 1.0
+REQUEST_TIMEOUT = 1.0
 AGENT_READINESS_PORT = 15021  # pilot-agent's /healthz/ready (served by its Envoy)
 _PER_THREAD = re.compile(r"\.(worker_\d+|main_thread)$")
 _ACTIVE = re.compile(r"^listener\.(?P<name>[^:]+)\.downstream_cx_active: (?P<count>\d+)$", re.MULTILINE)
 
 
-def request(port: int, method: str, path: str, timeout: float = TIMEOUT) -> tuple[int, str]:
+def request(port: int, method: str, path: str, timeout: float = REQUEST_TIMEOUT) -> tuple[int, str]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path)

@@ -28,7 +28,7 @@ class SignalQueue:
         self._pending.append(signum)
 
     def put(self, signum: int) -> None:
-        """Queue a signal as if it had arrived (tests, and `istio-vm` forwarding its own requests)."""
+        """Queue a signal as if it had arrived (the loop's unit tests drive it so: tests/sim.py)."""
         self._pending.append(signum)
         with contextlib.suppress(BlockingIOError):
             self._writer.send(b"\0")

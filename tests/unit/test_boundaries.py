@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import subprocess
 import sys
 from collections import deque
@@ -21,14 +20,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from tools import module_map
 
 PACKAGE = ROOT / "istio_vm"
-FOLDERS = ["", "config", "iptables", "service"]
+FOLDERS = list(module_map.FOLDERS)
 # What touches the host: processes, sockets, file locks, C calls, the proxy's admin, and the two
 # libraries of the edge (the env-file lexer and systemd's C extension).
 FORBIDDEN = frozenset({"subprocess", "ctypes", "socket", "selectors", "fcntl", "psutil", "systemd", "dotenv"})
 LAYERS = {"config": {"iptables", "service"}, "iptables": {"service"}}  # wing -> wings it must not import
-_ENTRY = re.compile(r"^ {4}(\w+) {2,}\S", re.MULTILINE)
 
 
 def module_name(folder: str, name: str) -> str:
@@ -38,10 +37,8 @@ def module_name(folder: str, name: str) -> str:
 @cache
 def folder_map(folder: str) -> tuple[frozenset[str], frozenset[str]]:
     """(pure, edge) module names of a folder, as its __init__.py docstring maps them."""
-    doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text())) or ""
-    pure_text, _, edge_text = doc.partition("\nEdge side")
-    _, _, pure_text = pure_text.partition("\nPure side")
-    return frozenset(_ENTRY.findall(pure_text)), frozenset(_ENTRY.findall(edge_text))
+    found = module_map.folder_map(folder)
+    return frozenset(found.pure), frozenset(found.edge)
 
 
 def pure_modules() -> list[str]:
@@ -142,3 +139,17 @@ def test_wings_are_layered(module: str) -> None:
     for lower in LAYERS[wing]:
         above = sorted(m for m in loaded_by(module) if m.startswith(f"istio_vm.{lower}"))
         assert not above, f"{module} ({wing}) loads {above[0]}: {why(module, above[0])}"
+
+
+def test_no_two_functions_classes_or_constants_of_the_package_share_a_name() -> None:
+    """A name means one thing: two `Rule`s or two `LOCK_FILE`s make a reader look twice."""
+    places: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            names = [node.name] if isinstance(node, ast.FunctionDef | ast.ClassDef) else [
+                target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)
+                and target.id.isupper()]
+            for name in names:
+                places.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    shared = {name: where for name, where in places.items() if len(where) > 1}
+    assert not shared, f"names defined in more than one module: {shared}"

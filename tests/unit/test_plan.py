@@ -1,4 +1,5 @@
-"""istio_vm.iptables.plan beyond Istio's own vectors: separateV4V6 as Go parses, renderings, and spec §6's pitfalls."""
+"""istio_vm.iptables.plan beyond Istio's own vectors: separateV4V6 as Go parses, the renderings, and the
+asymmetries of 1.9.4's run() a re-implementation is likely to get wrong."""
 
 from __future__ import annotations
 

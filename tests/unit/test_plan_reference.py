@@ -1,7 +1,8 @@
 """`istio-vm iptables plan` end to end (in-process): the reference VM byte for byte, and golden cases.
 
-The golden files under tests/golden/plan/ were derived by hand from the spec (§2.2, §2.3, §2.6)
-before the code was checked against them; `pytest --update-golden` rewrites them (review the diff).
+The golden files under tests/golden/plan/ were derived by hand from Istio 1.9.4's run()
+(tools/istio-iptables/pkg/cmd/run.go) before the code was checked against them; `pytest --update-golden`
+rewrites them (review the diff).
 Every case runs on a fake host whose istio-proxy user has UID 997, as on the reference VM.
 """
 
