@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-from istio_vm.iptables.names import BUILTIN_CHAINS
+from istio_vm.iptables.backend import binary
+from istio_vm.iptables.names import BUILTIN_CHAINS, COMMAND
 from istio_vm.iptables.saved import parse_save
 from testbed.netns import Netns
 from tests.helpers import text
@@ -31,7 +32,8 @@ COMMIT
 
 
 def tool(backend: str, family: int, what: str = "") -> str:
-    return f"{'ip6' if family == 6 else 'ip'}tables-{backend}" + (f"-{what}" if what else "")
+    """iptables-nft, ip6tables-legacy-save...: the product's own names (backend.binary) for save and restore."""
+    return binary(backend, family, what) if what else f"{COMMAND[family]}-{backend}"
 
 
 def restore(ns: Netns, backend: str, family: int, rules: str, *, noflush: bool = True) -> None:

@@ -7,7 +7,7 @@ ISTIO_REDIRECT → proxy), the proxy's own traffic (owner matches → not captur
 
 from __future__ import annotations
 
-from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS, DNS_PORT, IN_REDIRECT, REDIRECT
+from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS, DNS_PORT, ISTIO_IN_REDIRECT, ISTIO_REDIRECT
 from istio_vm.iptables.rules import Plan, Rule
 
 ENTRY = {"PREROUTING": "packet from the network", "OUTPUT": "packet from a local process"}
@@ -69,7 +69,7 @@ def _terminal_node(prefix: str, rule: Rule, nodes: dict[str, str]) -> str:
         node, label = f"{prefix} not captured", "not captured"
     elif target == "REDIRECT":
         port = after[-1]
-        role = {REDIRECT: "proxy outbound", IN_REDIRECT: "proxy inbound"}.get(
+        role = {ISTIO_REDIRECT: "proxy outbound", ISTIO_IN_REDIRECT: "proxy inbound"}.get(
             rule.chain, "agent DNS" if port == AGENT_DNS_PORT else "local port")
         node, label = f"{prefix} port {port}", f"{role} :{port}"
     elif target == "TPROXY":

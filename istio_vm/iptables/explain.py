@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from istio_vm.config.model import DNS_SERVERS, Config
 from istio_vm.iptables.dot import to_dot
-from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS
+from istio_vm.iptables.names import (
+    AGENT_DNS_PORT,
+    BUILTIN_CHAINS,
+    ISTIO_DIVERT,
+    ISTIO_IN_REDIRECT,
+    ISTIO_INBOUND,
+    ISTIO_OUTPUT,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
+    MANGLE,
+    NAT,
+)
 from istio_vm.iptables.rules import ALWAYS, Plan, Rule, ordered_tables
 
 FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan --format` prints
@@ -17,38 +28,38 @@ FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan
 FAMILY_TITLE = {4: "IPv4 rules (iptables-restore)", 6: "IPv6 rules (ip6tables-restore)"}
 
 CHAINS = {
-    ("nat", "PREROUTING"): "built-in chain for packets arriving from the network, before routing: the "
+    (NAT, "PREROUTING"): "built-in chain for packets arriving from the network, before routing: the "
                            "inbound capture hooks in here (and kubevirt interfaces are let through).",
-    ("nat", "OUTPUT"): "built-in chain for packets sent by processes on this host: the outbound capture "
+    (NAT, "OUTPUT"): "built-in chain for packets sent by processes on this host: the outbound capture "
                        "hooks in here, and DNS over UDP is redirected here.",
-    ("nat", "ISTIO_INBOUND"): "inbound TCP connections to this host: decides which go to the proxy's "
+    (NAT, ISTIO_INBOUND): "inbound TCP connections to this host: decides which go to the proxy's "
                               "inbound listener and which reach the application directly.",
-    ("nat", "ISTIO_IN_REDIRECT"): "sends a connection to the proxy's inbound listener by rewriting its "
+    (NAT, ISTIO_IN_REDIRECT): "sends a connection to the proxy's inbound listener by rewriting its "
                                   "destination port.",
-    ("nat", "ISTIO_REDIRECT"): "sends a connection to the proxy's outbound listener by rewriting its "
+    (NAT, ISTIO_REDIRECT): "sends a connection to the proxy's outbound listener by rewriting its "
                                "destination port.",
-    ("nat", "ISTIO_OUTPUT"): "outbound TCP connections made on this host: lets the proxy's own traffic and "
+    (NAT, ISTIO_OUTPUT): "outbound TCP connections made on this host: lets the proxy's own traffic and "
                              "local traffic through, and sends the rest, as configured, to the proxy.",
-    ("mangle", "PREROUTING"): "built-in chain for arriving packets (TPROXY mode): jumps to the inbound "
+    (MANGLE, "PREROUTING"): "built-in chain for arriving packets (TPROXY mode): jumps to the inbound "
                               "capture and saves the proxy's packet mark on the connection.",
-    ("mangle", "OUTPUT"): "built-in chain for locally sent packets (TPROXY mode): restores the "
+    (MANGLE, "OUTPUT"): "built-in chain for locally sent packets (TPROXY mode): restores the "
                           "connection's mark so replies are routed back to the proxy.",
-    ("mangle", "ISTIO_INBOUND"): "inbound TCP packets in TPROXY mode: new connections to captured ports "
+    (MANGLE, ISTIO_INBOUND): "inbound TCP packets in TPROXY mode: new connections to captured ports "
                                  "are handed to the proxy, packets of established ones are diverted to it.",
-    ("mangle", "ISTIO_DIVERT"): "marks a packet so that policy routing delivers it to this host (the "
+    (MANGLE, ISTIO_DIVERT): "marks a packet so that policy routing delivers it to this host (the "
                                 "proxy's socket), then accepts it.",
-    ("mangle", "ISTIO_TPROXY"): "hands a new inbound connection to the proxy's inbound listener without "
+    (MANGLE, ISTIO_TPROXY): "hands a new inbound connection to the proxy's inbound listener without "
                                 "rewriting its destination (TPROXY).",
 }
 TARGETS = {
     "RETURN": "leave it alone (RETURN: not captured)",
     "ACCEPT": "accept it, ending the mangle table, so policy routing sends it to the proxy's socket",
-    "ISTIO_REDIRECT": "capture it for the proxy's outbound listener (ISTIO_REDIRECT)",
-    "ISTIO_IN_REDIRECT": "capture it for the proxy's inbound listener (ISTIO_IN_REDIRECT)",
-    "ISTIO_INBOUND": "check it against the inbound capture rules (ISTIO_INBOUND)",
-    "ISTIO_OUTPUT": "check it against the outbound capture rules (ISTIO_OUTPUT)",
-    "ISTIO_DIVERT": "divert it to the proxy's socket (ISTIO_DIVERT)",
-    "ISTIO_TPROXY": "hand it to the proxy's inbound listener (ISTIO_TPROXY)",
+    ISTIO_REDIRECT: "capture it for the proxy's outbound listener (ISTIO_REDIRECT)",
+    ISTIO_IN_REDIRECT: "capture it for the proxy's inbound listener (ISTIO_IN_REDIRECT)",
+    ISTIO_INBOUND: "check it against the inbound capture rules (ISTIO_INBOUND)",
+    ISTIO_OUTPUT: "check it against the outbound capture rules (ISTIO_OUTPUT)",
+    ISTIO_DIVERT: "divert it to the proxy's socket (ISTIO_DIVERT)",
+    ISTIO_TPROXY: "hand it to the proxy's inbound listener (ISTIO_TPROXY)",
 }
 DERIVED = {"REDIRECT_DNS": "ISTIO_META_DNS_CAPTURE", "PROXY_GID": "PROXY_UID", "PROXY_UID": "ENVOY_USER"}
 

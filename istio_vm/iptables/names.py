@@ -12,13 +12,13 @@ TABLES = (NAT, MANGLE)  # the tables Istio writes; filter and raw are never touc
 #                         Go's random map order; istio-vm always writes nat, then mangle.
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
-PREFIX = "ISTIO_"  # every chain Istio creates starts with it
-INBOUND = "ISTIO_INBOUND"
-REDIRECT = "ISTIO_REDIRECT"
-IN_REDIRECT = "ISTIO_IN_REDIRECT"
-OUTPUT = "ISTIO_OUTPUT"
-DIVERT = "ISTIO_DIVERT"
-TPROXY = "ISTIO_TPROXY"
+PREFIX = "ISTIO_"  # every chain Istio creates starts with it (constants.go: ISTIOINBOUND and so on)
+ISTIO_INBOUND = "ISTIO_INBOUND"
+ISTIO_REDIRECT = "ISTIO_REDIRECT"
+ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
+ISTIO_OUTPUT = "ISTIO_OUTPUT"
+ISTIO_DIVERT = "ISTIO_DIVERT"
+ISTIO_TPROXY = "ISTIO_TPROXY"
 
 DNS_PORT = "53"
 AGENT_DNS_PORT = "15053"  # the agent's DNS proxy; hard-coded in 1.9
