@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ HOST = Host(
         Address("eth0", "fe80::1", False, True),
     ),
     hostname="vm-1.example.com",
-    euid=0,
+    euid=os.geteuid(),  # the ownership checks of env files apply exactly when the tests run as root
     users=USERS,
 )
 
