@@ -151,7 +151,7 @@ def test_redirect_dns_overrides_dns_capture(tmp_path: Path) -> None:
 ])
 def test_ipv6_detection_and_override(tmp_path: Path, addresses: tuple[Address, ...], setting: str,
                                      expected: bool, warned: bool) -> None:
-    host = Host(addresses=addresses, hostname="h", users=USERS)
+    host = Host(addresses=addresses, hostname="h", euid=os.geteuid(), users=USERS)
     config = load_files(tmp_path, cluster=f"ENABLE_INBOUND_IPV6={setting}\n", host=host)
     assert config.capture.enable_inbound_ipv6 is expected
     assert any("IPv6 capture off" in w for w in config.warnings) is warned
