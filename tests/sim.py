@@ -129,9 +129,6 @@ class Sim:
             os.close(fd)
         child.writers = {}
 
-    def pid_of(self, epoch: int) -> int:
-        return sorted(self.children)[epoch]
-
     def lines(self) -> list[str]:
         """What the proxy wrote, as relayed."""
         return [e.text for e in self.events if e.kind == "line"]

@@ -148,7 +148,9 @@ def _test_multi_table(runner: Runner, snap: Snapshot, inputs: dict[int, Input], 
 
 def _write(runner: Runner, snap: Snapshot, inputs: dict[int, Input], ip_commands: Sequence[IpCommand],
            progress: _Progress, what: str) -> None:
-    """Run the ip batch, then one restore per family; on any failure roll back what was written."""
+    """Test the multi-table inputs, run the ip batch, then one restore per family; on any failure
+    roll back what was written."""
+    _test_multi_table(runner, snap, inputs, what)
     try:
         if ip_commands:
             failures = [(c, m) for c, m in _run_ip(runner, ip_commands, progress) if c.verb == "add"]
@@ -197,7 +199,6 @@ def install_plan(plan: Plan, *, run_dir: str, backend: str | None = None, runner
                         optional=set() if plan.v6 else {6}, proc_net=proc_net)
             inputs = _inputs(snap, plan, "install")
             if not dry_run:
-                _test_multi_table(counting, snap, inputs, "install")
                 _write(counting, snap, inputs, batch, progress, "install")
         except ApplyError:
             if not dry_run:
@@ -222,7 +223,6 @@ def clean_host(*, run_dir: str, backend: str | None = None, runner: Runner | Non
         inputs = _inputs(snap, Plan(), "clean")
         progress = _Progress()
         if not dry_run:
-            _test_multi_table(counting, snap, inputs, "clean")
             _write(counting, snap, inputs, [], progress, "clean")
             undo = [c.inverse() for c in reversed(recorded) if c.verb == "add"]
             for command, message in _run_ip(counting, undo, progress) if undo else []:

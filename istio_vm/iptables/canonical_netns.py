@@ -27,13 +27,17 @@ def restore_and_save(runner: Runner, backend: str, texts: dict[str, str]) -> dic
         if not text.strip():
             saves[family] = ""
             continue
-        for argv, given in (([binary(backend, int(family), "restore"), "--wait=10"], text),
-                            ([binary(backend, int(family), "save")], None)):
-            done = runner.run(argv, input=given, timeout=TOOL_TIMEOUT)
-            if not done.ok:
-                raise _ToolFailed(done.describe())
-        saves[family] = done.stdout
+        _ran(runner, [binary(backend, int(family), "restore"), "--wait=10"], text)
+        saves[family] = _ran(runner, [binary(backend, int(family), "save")], None)
     return saves
+
+
+def _ran(runner: Runner, argv: list[str], given: str | None) -> str:
+    """The command's stdout; _ToolFailed with its status and stderr when it failed."""
+    done = runner.run(argv, input=given, timeout=TOOL_TIMEOUT)
+    if not done.ok:
+        raise _ToolFailed(done.describe())
+    return done.stdout
 
 
 def _main(argv: list[str]) -> int:
