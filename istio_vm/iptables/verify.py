@@ -91,7 +91,9 @@ def saved_in_scratch_netns(runner: Runner, backend: str, plan: Plan) -> dict[int
     if not any(texts.values()):
         return dict.fromkeys(texts, "")
     payload = json.dumps({str(family): text for family, text in texts.items()})
-    done = runner.run(["unshare", "--net", "--", sys.executable, "-m", canonical_netns.__name__, backend],
+    # -I: `python -m` would put the working directory first on sys.path, and this child runs as root
+    # (a `cd /tmp; istio-vm iptables verify` would import whatever istio_vm another user left there).
+    done = runner.run(["unshare", "--net", "--", sys.executable, "-I", "-m", canonical_netns.__name__, backend],
                       input=payload, timeout=SCRATCH_TIMEOUT)
     if not done.ok:
         raise ApplyError(f"cannot load the planned rules into a scratch namespace: {done.describe()}",

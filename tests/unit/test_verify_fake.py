@@ -25,6 +25,7 @@ def test_scratch_namespace_argv_and_failures(tmp_path: Path) -> None:
     assert fake.argvs[:2] == [("iptables-nft-save",), ("ip6tables-nft-save",)]
     assert fake.argvs[2][:3] == ("unshare", "--net", "--")
     assert fake.argvs[2][-3:] == ("-m", "istio_vm.iptables.canonical_netns", "nft")
+    assert fake.argvs[2][-4] == "-I"  # isolated: the root child never imports from the working directory
     assert json.loads(fake.calls[2][1] or "") == {"4": REF, "6": ""}
     assert not result.drift
     broken = FakeRunner()
