@@ -1,9 +1,11 @@
 """Env files as data: what `set -a; . FILE` in istio-start.sh would assign, without running anything.
 
-python-dotenv lexes the file (names, quotes, escapes, `${NAME}` atoms); this module reads each line
-the way bash would too (only space and tab separate words), requires both readings to agree, and
+python-dotenv lexes each statement (names, quotes, escapes, `${NAME}` atoms); this module reads each
+one the way bash would too (only space and tab separate words), requires both readings to agree, and
 rejects, with file and line, every construct where they would not or where bash would run code
-(`$(...)`, backticks, arrays, `source`, `if`, stray words).
+(`$(...)`, backticks, arrays, `source`, `if`, stray words). Where a statement ends is bash's reading
+(a newline outside quotes): python-dotenv before 1.2 (Debian 12's 0.21, Debian 13's 1.0.1) ran a
+double-quoted value ending in an escaped backslash (`"a\\"`) on into the next lines.
 """
 
 from __future__ import annotations
@@ -120,17 +122,54 @@ def read_statements(text: str, path: str) -> tuple[list[_Statement], list[Proble
         return [], [file_problem]
     statements: list[_Statement] = []
     problems: list[Problem] = []
-    for binding in parse_stream(io.StringIO(text)):
-        raw = binding.original.string
-        stripped = raw.lstrip(" \t\n")
-        line = binding.original.line + raw[: len(raw) - len(stripped)].count("\n")
-        if not stripped or stripped.startswith("#"):
+    for line, raw in _bash_statements(text):
+        stripped = raw.lstrip(" \t")
+        if not stripped.strip(" \t\n") or stripped.startswith("#"):
             continue  # blank or comment
         try:
-            statements.append(_statement(stripped.rstrip("\n"), binding, line))
+            statements.append(_statement(stripped.rstrip("\n"), _lex(stripped), line))
         except _Refused as refused:
             problems.append(Problem(f"{path}:{line}", refused.name, refused.value, refused.message))
     return statements, problems
+
+
+def _bash_statements(text: str) -> list[tuple[int, str]]:
+    """The file cut where bash ends a statement: at a newline outside quotes, comments and escapes.
+
+    (first line number, text with its final newline). An unterminated quote runs to the end of the file.
+    """
+    found: list[tuple[int, str]] = []
+    start, line, i, n = 0, 1, 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == "'":
+            close = text.find("'", i + 1)
+            i = n if close == -1 else close + 1
+        elif char == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+        elif char == "\\":
+            i += 2  # an escaped newline continues the statement
+        elif char == "#" and (i == start or text[i - 1] in " \t"):
+            close = text.find("\n", i)
+            i = n if close == -1 else close
+        elif char == "\n":
+            found.append((line, text[start : i + 1]))
+            line += text.count("\n", start, i + 1)
+            start = i = i + 1
+        else:
+            i += 1
+    if start < n:
+        found.append((line, text[start:]))
+    return found
+
+
+def _lex(statement: str) -> Binding | None:
+    """python-dotenv's reading of one statement; None when it reads more than one binding there."""
+    bindings = list(parse_stream(io.StringIO(statement)))
+    return bindings[0] if len(bindings) == 1 else None
 
 
 class _Refused(Exception):
@@ -155,7 +194,7 @@ def _check_file(text: str, path: str) -> Problem | None:
     return None
 
 
-def _statement(text: str, binding: Binding, line: int) -> _Statement:
+def _statement(text: str, binding: Binding | None, line: int) -> _Statement:
     """Read one binding (`text`, without its final newline) as bash would; refuse what dotenv reads otherwise."""
     first_line = text.split("\n", 1)[0]
     if _OTHER_SPACE.match(text):
@@ -163,7 +202,7 @@ def _statement(text: str, binding: Binding, line: int) -> _Statement:
                        "it as part of a command word, python-dotenv skips it; remove it")
     m = _BINDING.match(text)
     if m is None or m["rest"] is None:
-        if m is not None and m["export"] and NAME.match(m["key"]) and not binding.error:
+        if m is not None and m["export"] and NAME.match(m["key"]) and binding is not None and not binding.error:
             if m["key"] in BASH_MANAGED:
                 raise _Refused(m["key"], None, "bash manages this variable itself: exporting it would export "
                                "bash's own value; remove this line")
@@ -176,20 +215,24 @@ def _statement(text: str, binding: Binding, line: int) -> _Statement:
     if m["gap"]:
         raise _Refused(key, None, "space before '=': bash would run the name as a command")
     if key in BASH_MANAGED:
-        raise _Refused(key, binding.value, "bash manages this variable itself; choose another name")
+        raise _Refused(key, binding.value if binding else None,
+                       "bash manages this variable itself; choose another name")
     rest: str = m["rest"]
     if m["after"]:
         if rest and not rest.startswith("#"):
             raise _Refused(key, rest.strip(" \t"), "space after '=': bash would assign an empty value and "
                            "run the rest as a command; remove the space or quote the value")
         value, expand = "", False
+        # `NAME= # comment`: an empty value, then bash's comment; python-dotenv before 1.2 reads the
+        # comment as the value, so it lexes the assignment without it.
+        binding = _lex(f"{key}=\n")
     elif rest[:1] == "'":
         value, expand = _single_quoted(rest, key), False
     elif rest[:1] == '"':
         value, expand = _double_quoted(rest, key), True
     else:
         value, expand = _unquoted(rest, key), True
-    if binding.error or binding.value != value:  # a safety net: every check above passed
+    if binding is None or binding.error or binding.value != value:  # a safety net: every check above passed
         raise _Refused(key, value, "python-dotenv reads this line differently from bash; quote the value")
     return _Statement(key, value, expand, line)
 
