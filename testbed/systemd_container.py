@@ -1,6 +1,7 @@
-"""Boot a throwaway Debian 12 container under systemd-nspawn, for tests of the systemd integration.
+"""Boot a throwaway Debian container under systemd-nspawn, for tests of the systemd integration.
 
-``ensure_rootfs()`` builds (once, cached) a bookworm root with debootstrap; ``booted_container()``
+``ensure_rootfs()`` builds (once, cached) a bookworm root with debootstrap (``suite="trixie"`` a Debian 13
+one, ``extra_packages`` with more of Debian's packages in it); ``booted_container()``
 boots a private overlay of it with ``systemd-nspawn -b --private-network`` and yields a
 :class:`Container` whose ``run()``, ``systemctl()`` and ``journalctl()`` execute inside it through
 ``nsenter``; ``install_project()`` installs istio-vm into it as wheels built on the host.
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default root; ensure_rootfs(suite=...) builds others
+SUITES = ("bookworm", "trixie")  # Debian 12 and 13: what the package is tested on
 VARIANT = "minbase"
 MIRROR = os.environ.get("ISTIO_VM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the service needs at run time (systemd as PID 1, D-Bus for systemctl, iptables and ip for the
@@ -43,6 +45,9 @@ PACKAGES: tuple[str, ...] = tuple(
         "systemd systemd-sysv dbus libsystemd0 iptables iproute2 python3 python3-venv procps".split()
     )
 )
+# What istio-vm's .deb depends on beyond PACKAGES: installed into the root at build time, because the booted
+# container has no network (and the tests use no PyPI): `dpkg -i` / `apt install ./x.deb` then needs nothing more.
+DEB_DEPENDENCIES: tuple[str, ...] = ("python3-dotenv", "python3-psutil", "python3-systemd")
 # Units that only slow a test container down or wait for hardware it does not have.
 MASKED_UNITS: tuple[str, ...] = (
     "console-getty.service",
@@ -63,18 +68,23 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PR_SET_PDEATHSIG = 1
 
 
-def cache_key() -> str:
+def packages_of(extra_packages: Sequence[str] = ()) -> tuple[str, ...]:
+    """The packages of a root: PACKAGES and ``extra_packages``, sorted."""
+    return tuple(sorted({*PACKAGES, *extra_packages}))
+
+
+def cache_key(suite: str = SUITE, extra_packages: Sequence[str] = ()) -> str:
     """Key of the cached root: changes with the suite, the package list, the masks or the recipe."""
     recipe = {
-        "suite": SUITE,
+        "suite": suite,
         "variant": VARIANT,
-        "packages": PACKAGES,
+        "packages": packages_of(extra_packages),
         "masked": MASKED_UNITS,
         "recipe": RECIPE_VERSION,
         "arch": os.uname().machine,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-    return f"{SUITE}-{digest[:16]}"
+    return f"{suite}-{digest[:16]}"
 
 
 def _log(msg: str) -> None:
@@ -217,14 +227,18 @@ def _kill_processes_under(path: Path) -> None:
                 os.kill(int(entry), signal.SIGKILL)
 
 
-def ensure_rootfs(cache_dir: Path = CACHE_DIR) -> Path:
-    """Return the cached Debian 12 root for :func:`cache_key`, building it first when missing.
+def ensure_rootfs(cache_dir: Path = CACHE_DIR, *, suite: str = SUITE, extra_packages: Sequence[str] = ()) -> Path:
+    """Return the cached Debian root of ``suite`` with PACKAGES and ``extra_packages`` (its
+    :func:`cache_key`), building it first when missing.
 
     The build runs in ``cache_dir/.build-KEY-*`` and is renamed to ``cache_dir/KEY`` only once
     complete, so an interrupted build never looks valid; a lock file serialises concurrent callers,
     and the next caller removes what an interrupted build left (killing its debootstrap if alive).
     """
-    key = cache_key()
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: one of {', '.join(SUITES)}")
+    key = cache_key(suite, extra_packages)
+    packages = packages_of(extra_packages)
     final = cache_dir / key
     if (final / COMPLETE_MARKER).is_file():
         return final
@@ -240,9 +254,9 @@ def ensure_rootfs(cache_dir: Path = CACHE_DIR) -> Path:
             _remove_tree(final)
         build = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache_dir))
         try:
-            _build_rootfs(build / "root", cache_dir / "debs")
+            _build_rootfs(build / "root", cache_dir / "debs", suite=suite, packages=packages)
             (build / "root" / COMPLETE_MARKER).write_text(
-                json.dumps({"key": key, "packages": PACKAGES, "built": time.time()}) + "\n"
+                json.dumps({"key": key, "suite": suite, "packages": packages, "built": time.time()}) + "\n"
             )
             os.rename(build / "root", final)
         finally:
@@ -255,14 +269,14 @@ def ensure_rootfs(cache_dir: Path = CACHE_DIR) -> Path:
     return final
 
 
-def _build_rootfs(root: Path, debs: Path) -> None:
+def _build_rootfs(root: Path, debs: Path, *, suite: str = SUITE, packages: Sequence[str] = PACKAGES) -> None:
     debs.mkdir(parents=True, exist_ok=True)
     argv = [
         "debootstrap",
         f"--variant={VARIANT}",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(packages)}",
         f"--cache-dir={debs}",
-        SUITE,
+        suite,
         str(root),
         MIRROR,
     ]
@@ -339,6 +353,17 @@ class Container:
     pidns: int
     cgroups: tuple[Path, ...]
     log_path: Path
+    _reboot: Callable[[Container], None] | None = field(default=None, repr=False)
+
+    def reboot(self) -> None:
+        """`systemctl reboot` inside, and boot the same root again (its files kept); wait until it runs.
+
+        nspawn exits with status 133 when the container reboots; booted_container starts it again on the
+        same overlay. ``leader_pid`` and ``pidns`` name the new boot afterwards.
+        """
+        if self._reboot is None:
+            raise RuntimeError("not a container of booted_container()")
+        self._reboot(self)
 
     def path(self, p: str | PurePosixPath) -> Path:
         """The host path of the container path ``p`` on its root file system (the overlay).
@@ -697,6 +722,7 @@ def booted_container(
             pidns=pidns,
             cgroups=tuple(run.cgroups),
             log_path=path / "console.log",
+            _reboot=lambda c: _reboot(run, c, boot_timeout),
         )
         _wait_running(container, boot_timeout)
         yield container
@@ -738,7 +764,7 @@ def _boot(run: _Run, root: Path, hostname: str, timeout: float) -> tuple[int, in
                 procs.write_text(str(os.getpid()))
             _pdeathsig(signal.SIGTERM)  # should the test process die, nspawn powers the container off
 
-        with open(run.dir / "console.log", "wb") as log:
+        with open(run.dir / "console.log", "ab") as log:  # appended: a reboot boots again
             run.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -773,6 +799,17 @@ def _boot(run: _Run, root: Path, hostname: str, timeout: float) -> tuple[int, in
         return run.leader, run.pidns
     finally:
         sock.close()
+
+
+def _reboot(run: _Run, container: Container, timeout: float) -> None:
+    assert run.proc is not None
+    container.run(["systemctl", "reboot"], check=False)
+    status = run.proc.wait(timeout=timeout)
+    if status != 133:  # systemd-nspawn(1): 133 = the container asked to be rebooted
+        raise ContainerBootError(f"systemd-nspawn exited with {status}, not 133, on reboot:\n{_tail(run.dir)}")
+    run.leader = run.pidns = None
+    container.leader_pid, container.pidns = _boot(run, container.root, container.name, timeout)
+    _wait_running(container, timeout)
 
 
 def _tail(run_dir: Path) -> str:
@@ -875,7 +912,9 @@ def install_project(container: Container, venv: str = "/opt/istio-vm") -> PurePo
 
 __all__ = [
     "CACHE_DIR",
+    "DEB_DEPENDENCIES",
     "PACKAGES",
+    "SUITES",
     "CommandError",
     "Container",
     "ContainerBootError",
@@ -885,5 +924,6 @@ __all__ = [
     "cache_key",
     "ensure_rootfs",
     "install_project",
+    "packages_of",
     "sweep_stale_runs",
 ]

@@ -14,7 +14,7 @@ import resource
 import signal
 from collections.abc import Callable, Iterator
 
-from istio_vm import logs
+from istio_vm import __version__, logs
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
 from istio_vm.service import privileges
@@ -79,6 +79,7 @@ def raise_nofile() -> None:
 
 def start(config: Config, mode: str, *, install_iptables: Callable[[Config], object]) -> int:
     """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
+    log.info("istio-vm %s starting (mode %s)", __version__, mode or "default")  # which release runs, in the journal
     with run_lock(config.supervision.run_dir):
         if mode in ("", "init"):
             install_iptables(config)

@@ -52,6 +52,7 @@ class Vm:
     """A booted container with istio-vm installed, seen through systemctl, journalctl and iptables."""
 
     c: sc.Container
+    istio_vm_path: str = f"{VENV}/bin/istio-vm"  # /usr/bin/istio-vm when installed from the package
 
     def show(self, *properties: str) -> dict[str, str]:
         out = self.c.systemctl("show", f"--property={','.join(properties)}", UNIT).stdout
@@ -68,7 +69,7 @@ class Vm:
         return self.wait(lambda e: e.get("ISTIO_EVENT") == name and e.get("ISTIO_EPOCH") == str(epoch), timeout)
 
     def istio_vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.c.run([f"{VENV}/bin/istio-vm", *args], check=check)
+        return self.c.run([self.istio_vm_path, *args], check=check)
 
     def write(self, path: PurePosixPath, text: str, mode: int = 0o644) -> None:
         """A root-owned file in the container (env files configure a root process: never group/other-writable)."""
@@ -142,11 +143,13 @@ def install(c: sc.Container) -> subprocess.CompletedProcess[str]:
     return c.run([f"{SOURCE}/packaging/install", "--wheels", f"{SOURCE}/wheels"], timeout=300)
 
 
-def agent_mode(vm: Vm, *, ready_gate: bool = False, **settings: str) -> None:
-    """The pilot-agent double as $ISTIO_BIN_BASE/pilot-agent (/usr/local/bin), run by the venv's Python."""
+def agent_mode(vm: Vm, *, ready_gate: bool = False, python: str = f"{VENV}/bin/python", **settings: str) -> None:
+    """The pilot-agent double as $ISTIO_BIN_BASE/pilot-agent (/usr/local/bin), run by ``python``."""
     vm.write(SUPPORT / "pilot_agent.py", (sc.PROJECT_DIR / "testbed/pilot_agent.py").read_text())
+    # 1.9's istio-start.sh runs `pilot-agent istio-clean-iptables` and `istio-iptables` first: no-ops here.
     vm.write(PurePosixPath("/usr/local/bin/pilot-agent"),
-             f'#!/bin/sh\nexec {VENV}/bin/python {SUPPORT}/pilot_agent.py "$0" "$@"\n', mode=0o755)
+             '#!/bin/sh\ncase "$1" in istio-clean-iptables|istio-iptables) exit 0 ;; esac\n'
+             f'exec {python} {SUPPORT}/pilot_agent.py "$0" "$@"\n', mode=0o755)
     gate = {"DOUBLE_READY_FILE": str(READY_GATE)} if ready_gate else {}
     vm.configure(DOUBLE_RECORD=str(RECORD), ISTIO_VM_BACKOFF_INITIAL="0.2s", **gate, **settings)
 

@@ -263,7 +263,7 @@ class _Interrupted(Exception):
 
 
 def _fake_builder(calls: list[Path], fail: bool = False):
-    def build(root: Path, debs: Path) -> None:
+    def build(root: Path, debs: Path, **_recipe: object) -> None:
         calls.append(root)
         (root / "etc").mkdir(parents=True)
         (root / "etc/os-release").write_text("ID=debian\n")
@@ -321,3 +321,5 @@ def test_cache_key_follows_the_package_list(monkeypatch: pytest.MonkeyPatch) -> 
     assert key.startswith("bookworm-")
     monkeypatch.setattr(sc, "PACKAGES", (*sc.PACKAGES, "nftables"))
     assert sc.cache_key() != key
+    assert sc.cache_key("trixie").startswith("trixie-")
+    assert sc.cache_key(extra_packages=sc.DEB_DEPENDENCIES) != sc.cache_key()

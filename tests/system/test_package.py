@@ -1,0 +1,187 @@
+"""istio-vm's Debian package in a real systemd: Debian 12 and Debian 13 containers (testbed/systemd_container.py)
+with the package's dependencies from Debian in their roots, --private-network, no PyPI.
+
+Per suite, one booted container goes through a VM's life: `apt install ./istio-vm_OLD.deb`, configure, start
+(the pilot-agent double), `apt install ./istio-vm_NEW.deb` (the version bumped in a copy of the tree),
+`apt remove`, `apt purge`, comparing file lists, users and `iptables-save` before and after each step.
+A second container is made to look like a VM set up by Istio 1.9's guide and migrates. See docs/packaging.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from testbed import systemd_container as sc
+from tests.system.container_vm import (
+    CLUSTER_ENV,
+    ENVOY_DIR,
+    RECORD,
+    SUPPORT,
+    UNIT,
+    Vm,
+    agent_mode,
+    assert_rules_are_the_plan,
+    start,
+    why_no_container,
+)
+from tests.system.package_vm import (
+    BIN,
+    apt,
+    build_deb,
+    current_version,
+    files,
+    install,
+    journal_lines,
+    unit_state,
+)
+
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.root,
+    pytest.mark.skipif(bool(why_no_container()), reason=why_no_container() or "-"),
+]
+
+SIDECAR_ENV = ENVOY_DIR / "sidecar.env"
+DOCS = ("operations.md", "systemd.md", "configuration.md")
+PYTHON = "/usr/bin/python3"  # Debian's: the double runs with it (no venv on a packaged VM)
+LEGACY_UID = 1234  # istio-proxy as 1.9's postinst made it (adduser --system): not what sysusers would pick
+DRAIN = 2.0  # the double's drain on SIGTERM (pilot-agent 1.9's default terminationDrainDuration: 5 s)
+
+
+@pytest.fixture(scope="module")
+def debs() -> tuple[Path, Path]:
+    """This tree's package, and the same with the version bumped: the upgrade."""
+    version = current_version()
+    return build_deb(), build_deb(f"{version}+1")
+
+
+@pytest.fixture(params=sc.SUITES)
+def packaged_vm(request: pytest.FixtureRequest) -> Iterator[Vm]:
+    rootfs = sc.ensure_rootfs(suite=request.param, extra_packages=sc.DEB_DEPENDENCIES)
+    with sc.booted_container(rootfs, name=f"pkg-{request.param}") as container:
+        yield Vm(container, istio_vm_path=BIN)
+
+
+def sha256(vm: Vm, path: PurePosixPath) -> str:
+    return hashlib.sha256(vm.c.path(path).read_bytes()).hexdigest()
+
+
+def env_files(vm: Vm) -> dict[str, tuple[str, int, int, int]]:
+    """The operator's env files: content hash, owner, group and mode."""
+    found = {}
+    for path in (SIDECAR_ENV, CLUSTER_ENV):
+        st = os.lstat(vm.c.path(path))
+        found[str(path)] = (sha256(vm, path), st.st_uid, st.st_gid, st.st_mode)
+    return found
+
+
+def starts(vm: Vm) -> list[str]:
+    """istio-vm's "istio-vm VERSION starting" lines in the unit's journal, in order."""
+    return [e["MESSAGE"] for e in journal_lines(vm, "--unit", UNIT) if re.match(r"istio-vm \S+ starting", e["MESSAGE"])]
+
+
+def no_duplicate_rules(vm: Vm) -> None:
+    for family, dump in vm.rules().items():
+        rules = [line for line in dump.splitlines() if line.startswith("-A ")]
+        assert len(rules) == len(set(rules)), f"{family}: a rule twice:\n{dump}"
+
+
+def test_install_start_upgrade_remove_purge(packaged_vm: Vm, debs: tuple[Path, Path]) -> None:
+    vm, (old, new) = packaged_vm, debs
+    old_version, new_version = current_version(), f"{current_version()}+1"
+    pristine_files, pristine_rules = files(vm.c), vm.rules()
+    pristine_passwd = vm.c.path("/etc/passwd").read_text()
+
+    # ---- install: no venv, no pip; the user, its directories, the units enabled, the examples; not started
+    # while cluster.env is missing.
+    output = install(vm, old)
+    assert f"configure {CLUSTER_ENV}" in output
+    assert vm.c.run([BIN, "--version"]).stdout.strip() == f"istio-vm {old_version}"
+    assert unit_state(vm, UNIT)["UnitFileState"] == "enabled"
+    assert unit_state(vm, UNIT)["ActiveState"] == "inactive"
+    assert vm.c.path(f"/lib/systemd/system/{UNIT}").is_file() or vm.c.path(f"/usr/lib/systemd/system/{UNIT}").is_file()
+    assert vm.c.path(SIDECAR_ENV).read_text() == vm.c.path("/usr/share/istio-vm/sidecar.env").read_text()
+    for doc in DOCS:  # where Documentation= points, uncompressed
+        assert f"file:///usr/share/doc/istio-vm/{doc}" in vm.show("Documentation")["Documentation"]
+        assert vm.c.path(f"/usr/share/doc/istio-vm/{doc}").read_text().startswith("#")
+    uid, gid = vm.proxy_user()
+    owners = vm.c.run(["stat", "-c", "%U:%G %a", "/var/lib/istio/proxy", "/var/lib/istio/envoy"]).stdout
+    assert owners.splitlines() == ["istio-proxy:istio-proxy 755", "root:root 755"]
+    assert not vm.c.path("/opt/istio-vm").exists()
+    assert "pip" not in vm.c.run(["dpkg", "-l"]).stdout.split()
+
+    # ---- configure, start: active after READY, the rules are the plan, the proxy runs as istio-proxy
+    agent_mode(vm, python=PYTHON, DOUBLE_DRAIN=str(DRAIN))
+    vm.write(SIDECAR_ENV, vm.c.path(SIDECAR_ENV).read_text() + "# the operator's edit\n")
+    child = start(vm)
+    assert vm.uid_of(child) == uid
+    assert_rules_are_the_plan(vm)
+    assert starts(vm) == [f"istio-vm {old_version} starting (mode default)"]
+    operator_files = env_files(vm)
+    before_upgrade = unit_state(vm, UNIT)
+
+    # ---- upgrade: restarted once (drain, then start), the env files untouched, no rule twice
+    output = install(vm, new)
+    assert f"Unpacking istio-vm ({new_version}) over ({old_version})" in output
+    assert vm.c.run([BIN, "--version"]).stdout.strip() == f"istio-vm {new_version}"
+    after_upgrade = unit_state(vm, UNIT)
+    assert after_upgrade["ActiveState"] == "active"
+    assert after_upgrade["InvocationID"] != before_upgrade["InvocationID"]
+    assert starts(vm) == [f"istio-vm {old_version} starting (mode default)",
+                          f"istio-vm {new_version} starting (mode default)"]
+    assert env_files(vm) == operator_files
+    assert_rules_are_the_plan(vm)
+    no_duplicate_rules(vm)
+    new_child = _last_ready_pid(vm)
+    assert new_child != child
+    assert vm.uid_of(new_child) == uid
+    _report_upgrade_window(vm)
+
+    # ---- remove: stopped, the capture removed, the env files kept
+    apt(vm, "remove", "istio-vm")
+    assert unit_state(vm, UNIT)["ActiveState"] == "inactive"
+    assert vm.proxy_processes() == []
+    assert vm.rules() == pristine_rules
+    assert env_files(vm) == operator_files
+    assert not vm.c.path(BIN).exists()
+
+    # ---- purge: our files gone, the istio-proxy user kept
+    apt(vm, "purge", "istio-vm")
+    left = files(vm.c)
+    test_made = {str(p).lstrip("/") for p in (CLUSTER_ENV, SIDECAR_ENV, RECORD, "/usr/local/bin/pilot-agent",
+                                               SUPPORT, SUPPORT / "pilot_agent.py")}
+    test_made |= {"var/lib/istio", "var/lib/istio/envoy", "var/log/istio", "usr/local/lib",
+                  f"var/tmp/{old.name}", f"var/tmp/{new.name}"}
+    added = set(left) - set(pristine_files)
+    assert added - test_made == set(), "left behind by the package"
+    assert set(pristine_files) - set(left) == set(), "removed by the package"
+    changed = {p for p in set(left) & set(pristine_files) if left[p] != pristine_files[p]} - test_made
+    assert changed == set(), "changed by the package"
+    assert vm.proxy_user() == (uid, gid)
+    passwd = vm.c.path("/etc/passwd").read_text().splitlines()
+    assert [line for line in passwd if line not in pristine_passwd.splitlines()] == [
+        line for line in passwd if line.startswith("istio-proxy:")]
+    assert vm.c.run(["test", "!", "-e", "/run/istio-vm"], check=False).returncode == 0
+    assert vm.rules() == pristine_rules
+    assert vm.c.run(["dpkg-query", "-W", "istio-vm"], check=False).returncode != 0
+
+
+def _last_ready_pid(vm: Vm) -> int:
+    ready = [e for e in vm.journal() if e.get("ISTIO_EVENT") == "ready"]
+    return int(ready[-1]["ISTIO_CHILD_PID"])
+
+
+def _report_upgrade_window(vm: Vm) -> None:
+    """How long the upgrade affects traffic: from the old proxy's drain to the new proxy's READY."""
+    entries = vm.journal()
+    drain = next(e for e in entries if e.get("ISTIO_EVENT") == "drain")
+    ready = [e for e in entries if e.get("ISTIO_EVENT") == "ready"][-1]
+    window = (int(ready["__REALTIME_TIMESTAMP"]) - int(drain["__REALTIME_TIMESTAMP"])) / 1e6
+    print(f"\nupgrade: traffic affected {window:.2f}s (drain {DRAIN:.1f}s + {window - DRAIN:.2f}s stop and start)")
+    assert DRAIN <= window < DRAIN + 20
