@@ -808,6 +808,7 @@ def _reboot(run: _Run, container: Container, timeout: float) -> None:
     if status != 133:  # systemd-nspawn(1): 133 = the container asked to be rebooted
         raise ContainerBootError(f"systemd-nspawn exited with {status}, not 133, on reboot:\n{_tail(run.dir)}")
     run.leader = run.pidns = None
+    (run.dir / "notify.sock").unlink()  # _boot binds it afresh
     container.leader_pid, container.pidns = _boot(run, container.root, container.name, timeout)
     _wait_running(container, timeout)
 

@@ -145,13 +145,18 @@ def install(c: sc.Container) -> subprocess.CompletedProcess[str]:
 
 def agent_mode(vm: Vm, *, ready_gate: bool = False, python: str = f"{VENV}/bin/python", **settings: str) -> None:
     """The pilot-agent double as $ISTIO_BIN_BASE/pilot-agent (/usr/local/bin), run by ``python``."""
+    install_double(vm, python)
+    gate = {"DOUBLE_READY_FILE": str(READY_GATE)} if ready_gate else {}
+    vm.configure(DOUBLE_RECORD=str(RECORD), ISTIO_VM_BACKOFF_INITIAL="0.2s", **gate, **settings)
+
+
+def install_double(vm: Vm, python: str) -> None:
+    """testbed/pilot_agent.py as /usr/local/bin/pilot-agent, run by ``python``."""
     vm.write(SUPPORT / "pilot_agent.py", (sc.PROJECT_DIR / "testbed/pilot_agent.py").read_text())
     # 1.9's istio-start.sh runs `pilot-agent istio-clean-iptables` and `istio-iptables` first: no-ops here.
     vm.write(PurePosixPath("/usr/local/bin/pilot-agent"),
              '#!/bin/sh\ncase "$1" in istio-clean-iptables|istio-iptables) exit 0 ;; esac\n'
              f'exec {python} {SUPPORT}/pilot_agent.py "$0" "$@"\n', mode=0o755)
-    gate = {"DOUBLE_READY_FILE": str(READY_GATE)} if ready_gate else {}
-    vm.configure(DOUBLE_RECORD=str(RECORD), ISTIO_VM_BACKOFF_INITIAL="0.2s", **gate, **settings)
 
 
 def envoy_mode(vm: Vm) -> None:

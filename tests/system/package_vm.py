@@ -48,7 +48,8 @@ def _sources_hash() -> str:
 
 
 def build_deb(version: str | None = None, cache_dir: Path = sc.CACHE_DIR) -> Path:
-    """dist/istio-vm_VERSION_all.deb of the current sources with __version__ = ``version`` (default: as is)."""
+    """dist/istio-vm_VERSION_all.deb of the current sources with __version__ = ``version`` (default: as is),
+    and lintian.txt, what lintian said of it, in the same directory."""
     version = version or current_version()
     out = cache_dir / "istio-vm-debs" / f"{_sources_hash()}-{version}"
     deb = out / f"istio-vm_{version}_all.deb"
@@ -65,10 +66,12 @@ def build_deb(version: str | None = None, cache_dir: Path = sc.CACHE_DIR) -> Pat
                 shutil.copy2(source, tree / part)
         init = tree / "istio_vm" / "__init__.py"
         init.write_text(VERSION_LINE.sub(f'__version__ = "{version}"', init.read_text()))
-        done = subprocess.run([str(tree / "packaging" / "build-deb")], capture_output=True, text=True,
-                              timeout=600, check=False)
+        # --lintian: lintian's tags on stderr (errors fail the build), kept next to the package.
+        done = subprocess.run([str(tree / "packaging" / "build-deb"), "--lintian"], capture_output=True, text=True,
+                              timeout=900, check=False)
         assert done.returncode == 0, done.stderr[-4000:]
         out.mkdir(parents=True, exist_ok=True)
+        (out / "lintian.txt").write_text(done.stderr)
         shutil.copy2(tree / "dist" / deb.name, deb.with_suffix(".tmp"))
         os.rename(deb.with_suffix(".tmp"), deb)
     return deb

@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from testbed import systemd_container as sc
+from testbed.wait import wait_for
+from tests.helpers import DATA, EXAMPLES
 from tests.system.container_vm import (
     CLUSTER_ENV,
     ENVOY_DIR,
@@ -27,6 +29,7 @@ from tests.system.container_vm import (
     Vm,
     agent_mode,
     assert_rules_are_the_plan,
+    install_double,
     start,
     why_no_container,
 )
@@ -90,6 +93,14 @@ def no_duplicate_rules(vm: Vm) -> None:
     for family, dump in vm.rules().items():
         rules = [line for line in dump.splitlines() if line.startswith("-A ")]
         assert len(rules) == len(set(rules)), f"{family}: a rule twice:\n{dump}"
+
+
+def test_lintian_has_no_error_and_docs_explain_each_warning(debs: tuple[Path, Path]) -> None:
+    report = (debs[0].parent / "lintian.txt").read_text()
+    tags = re.findall(r"^([EW]): istio-vm: (\S+)", report, re.MULTILINE)
+    assert [tag for level, tag in tags if level == "E"] == [], report
+    explained = (sc.PROJECT_DIR / "docs" / "packaging.md").read_text()
+    assert [tag for level, tag in tags if level == "W" and f"`{tag}`" not in explained] == [], report
 
 
 def test_install_start_upgrade_remove_purge(packaged_vm: Vm, debs: tuple[Path, Path]) -> None:
@@ -185,3 +196,88 @@ def _report_upgrade_window(vm: Vm) -> None:
     window = (int(ready["__REALTIME_TIMESTAMP"]) - int(drain["__REALTIME_TIMESTAMP"])) / 1e6
     print(f"\nupgrade: traffic affected {window:.2f}s (drain {DRAIN:.1f}s + {window - DRAIN:.2f}s stop and start)")
     assert DRAIN <= window < DRAIN + 20
+
+
+# ---- migration from Istio 1.9's istio-sidecar package --------------------------------------------------------
+
+ISTIO_1_9 = DATA / "istio-1.9"
+DNS_LINES = [line for line in (DATA / "reference-vm" / "expected-v4.restore").read_text().splitlines()
+             if line.startswith("-A OUTPUT -p udp --dport 53")]  # what 1.9's clean never removed: piled up
+
+
+def make_istio_1_9_vm(vm: Vm) -> None:
+    """A VM as Istio 1.9's package and guide left it: istio-proxy (uid LEGACY_UID) made by adduser, istio.service
+    enabled and running istio-start.sh with pilot-agent (the double), every file under /var/lib/istio chowned to
+    istio-proxy, and 1.9's rules piled up by its restarts, in the nft and the legacy backend."""
+    c = vm.c
+    c.run(["groupadd", "--system", "--gid", str(LEGACY_UID), "istio-proxy"])
+    c.run(["useradd", "--system", "--uid", str(LEGACY_UID), "--gid", str(LEGACY_UID), "--home-dir", "/var/lib/istio",
+           "--no-create-home", "--shell", "/usr/sbin/nologin", "istio-proxy"])
+    for directory in ("/var/lib/istio/envoy", "/var/lib/istio/proxy", "/var/lib/istio/config", "/var/log/istio",
+                      "/etc/certs"):
+        c.run(["install", "-d", "-o", "istio-proxy", "-g", "istio-proxy", directory])
+    c.run(["ln", "-s", "/var/lib/istio", "/etc/istio"])
+    vm.write(PurePosixPath("/usr/local/bin/istio-start.sh"), (ISTIO_1_9 / "istio-start.sh").read_text(), mode=0o755)
+    vm.write(PurePosixPath("/usr/lib/systemd/system/istio.service"), (ISTIO_1_9 / "istio.service").read_text())
+    c.run(["ln", "-s", "/lib/systemd/system/istio.service",
+           "/etc/systemd/system/multi-user.target.wants/istio.service"])
+    vm.write(SIDECAR_ENV, (EXAMPLES / "sidecar.env").read_text())
+    double = f"DOUBLE_RECORD={RECORD}\nISTIO_VM_BACKOFF_INITIAL=0.2s\n"
+    vm.write(CLUSTER_ENV, (EXAMPLES / "cluster.env").read_text() + double)
+    install_double(vm, PYTHON)
+    c.run(["chown", "-R", "istio-proxy:istio-proxy", "/var/lib/istio"])  # the 1.9 guide's step
+    restore = (DATA / "reference-vm" / "expected-v4.restore").read_text().replace("997", str(LEGACY_UID))
+    piled = restore.replace("COMMIT", "\n".join(DNS_LINES * 2).replace("997", str(LEGACY_UID)) + "\nCOMMIT")
+    for backend in ("nft", "legacy"):
+        c.run([f"iptables-{backend}-restore"], input=piled)
+    c.systemctl("daemon-reload")
+    c.systemctl("start", "istio.service")
+    vm.c.wait_for_journal(lambda e: e.get("MESSAGE", "").startswith("Started istio.service"), timeout=30)
+
+
+def istio_1_9_rules(dump: str) -> list[str]:
+    """The lines of a save dump that Istio 1.9 wrote (its chains, the jumps to them, its DNS rules)."""
+    return [line for line in dump.splitlines()
+            if "ISTIO_" in line or "15053" in line or re.search(rf"--(uid|gid)-owner {LEGACY_UID}", line)]
+
+
+def test_migration_from_istio_1_9(packaged_vm: Vm, debs: tuple[Path, Path]) -> None:
+    vm, (deb, _) = packaged_vm, debs
+    make_istio_1_9_vm(vm)
+    assert unit_state(vm, "istio.service")["ActiveState"] == "active"
+    assert len(istio_1_9_rules(vm.c.run(["iptables-legacy-save"]).stdout)) > len(DNS_LINES) * 3
+
+    output = install(vm, deb)
+    assert "istio.service (Istio 1.9) stopped and masked" in output
+    for path in (SIDECAR_ENV, CLUSTER_ENV):  # one line per file, saying why
+        assert output.count(f"istio-vm: {path} was istio-proxy:istio-proxy mode 644, now root:root mode 644") == 1
+        assert vm.c.run(["stat", "-c", "%U:%G %a", str(path)]).stdout.split() == ["root:root", "644"]
+    assert vm.proxy_user() == (LEGACY_UID, LEGACY_UID)
+    assert unit_state(vm, "istio.service")["UnitFileState"] == "masked"
+    assert unit_state(vm, "istio.service")["ActiveState"] in ("inactive", "failed")
+    assert unit_state(vm, UNIT)["ActiveState"] == "active"
+    child = _last_ready_pid(vm)
+    assert vm.uid_of(child) == LEGACY_UID
+    # No 1.9 rule left in either backend: nft holds exactly istio-vm's plan, legacy nothing of Istio.
+    assert_rules_are_the_plan(vm)
+    no_duplicate_rules(vm)
+    assert istio_1_9_rules(vm.c.run(["iptables-legacy-save"]).stdout) == []
+    assert "Conflicts=istio.service" in vm.c.systemctl("cat", UNIT).stdout
+
+    # A reboot brings up istio-sidecar alone.
+    vm.c.reboot()
+    assert unit_state(vm, UNIT)["ActiveState"] == "active"
+    assert unit_state(vm, "istio.service")["ActiveState"] == "inactive"
+    assert not any("istio-start.sh" in line for line in vm.c.run(["ps", "-eo", "args="]).stdout.splitlines())
+    assert_rules_are_the_plan(vm)
+
+    # Rollback: `apt remove istio-vm` unmasks istio.service, which starts again.
+    output = apt(vm, "remove", "istio-vm")
+    assert "istio.service (Istio 1.9) unmasked" in output
+    assert unit_state(vm, UNIT)["ActiveState"] == "inactive"
+    assert unit_state(vm, "istio.service")["UnitFileState"] == "enabled"
+    started = len(vm.records("start"))
+    vm.c.systemctl("start", "istio.service")
+    assert unit_state(vm, "istio.service")["ActiveState"] == "active"
+    wait_for(lambda: len(vm.records("start")) > started, timeout=30, what="1.9's pilot-agent (the double) started")
+    assert vm.records("start")[-1]["uid"] == LEGACY_UID
