@@ -874,7 +874,9 @@ def build_wheels(dest: Path, cache_dir: Path = CACHE_DIR) -> list[Path]:
     pyproject = (PROJECT_DIR / "pyproject.toml").read_bytes()
     deps = cache_dir / "wheels" / f"deps-{hashlib.sha256(pyproject).hexdigest()[:16]}"
     own = cache_dir / "wheels" / f"istio-vm-{_source_hash()}"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel"]
+    # --use-pep517: Debian 12's pip 23.0 otherwise builds systemd-python (an sdist without pyproject.toml)
+    # with `setup.py bdist_wheel`, which fails ("invalid command 'bdist_wheel'") where wheel is not installed.
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel", "--use-pep517"]
     with _locked(cache_dir / "wheels.lock"):
         for wheels, extra in ((deps, []), (own, ["--no-deps"])):
             if not (wheels / ".complete").is_file():
