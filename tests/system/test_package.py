@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -101,6 +102,28 @@ def test_lintian_has_no_error_and_docs_explain_each_warning(debs: tuple[Path, Pa
     assert [tag for level, tag in tags if level == "E"] == [], report
     explained = (sc.PROJECT_DIR / "docs" / "packaging.md").read_text()
     assert [tag for level, tag in tags if level == "W" and f"`{tag}`" not in explained] == [], report
+
+
+def test_the_package_has_the_version_debian_dependencies_only_and_the_user_before_its_directories(
+        debs: tuple[Path, Path]) -> None:
+    old, new = debs
+
+    def field(deb: Path, name: str) -> str:
+        return subprocess.run(["dpkg-deb", "--field", str(deb), name], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert (field(old, "Version"), field(new, "Version")) == (current_version(), f"{current_version()}+1")
+    assert subprocess.run(["dpkg", "--compare-versions", field(new, "Version"), "gt", field(old, "Version")],
+                          check=False).returncode == 0
+    depends = {alternative.split()[0] for alternative in re.split(r"[,|]", field(old, "Depends"))}
+    assert depends == {"python3", "python3:any", "python3-psutil", "python3-dotenv", "python3-systemd", "iptables",
+                       "iproute2", "systemd", "systemd-standalone-sysusers", "systemd-sysusers"}
+    changelog = subprocess.run(f"dpkg-deb --fsys-tarfile {old} | tar -xOf - ./usr/share/doc/istio-vm/changelog.gz"
+                               " | gzip -dc", shell=True, capture_output=True, text=True, check=True).stdout
+    assert changelog.startswith(f"istio-vm ({current_version()}) ")
+    postinst = subprocess.run(["dpkg-deb", "--info", str(old), "postinst"], capture_output=True, text=True,
+                              check=True).stdout
+    assert postinst.index("systemd-sysusers") < postinst.index("systemd-tmpfiles") < postinst.index("copy_example ")
 
 
 def test_install_start_upgrade_remove_purge(packaged_vm: Vm, debs: tuple[Path, Path]) -> None:
