@@ -63,6 +63,12 @@ class PrivilegeError(IstioVmError):
     status = ExitStatus.NOPERM
 
 
+class UntrustedPathError(IstioVmError):
+    """Root was asked to use a file or directory another user could change (a configuration error)."""
+
+    status = ExitStatus.CONFIG
+
+
 class ConfigError(IstioVmError):
     """The configuration is invalid; nothing has been changed on the host."""
 

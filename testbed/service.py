@@ -204,9 +204,9 @@ def service(extra_env: dict[str, str] | None = None, netns: str | None = None) -
     workdir.chmod(0o755)
     try:
         bin_dir = make_bin(workdir)
-        for sub in ("run", "log"):
-            (workdir / sub).mkdir(mode=0o777)
-            (workdir / sub).chmod(0o777)
+        (workdir / "run").mkdir(mode=0o755)  # root's: root refuses a run dir others could write
+        (workdir / "log").mkdir(mode=0o777)
+        (workdir / "log").chmod(0o777)
         record = workdir / "record.jsonl"
         record.touch(mode=0o666)
         record.chmod(0o666)

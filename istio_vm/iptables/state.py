@@ -12,17 +12,20 @@ import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from istio_vm.errors import ApplyError
+from istio_vm import trust
+from istio_vm.errors import ApplyError, UntrustedPathError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "iptables-state.json"
 IPTABLES_LOCK = "iptables.lock"  # not the run lock of `istio-vm start` (service/start.py)
 VERSION = 1
+MAX_STATE = 1 << 20  # bytes read at most: a real state file is a few hundred
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +41,16 @@ class RunState:
 def read(run_dir: str) -> RunState:
     """The recorded state; an absent file means nothing recorded. An unreadable one is logged and ignored."""
     path = os.path.join(run_dir, STATE_FILE)
+    trust.check_root_dir(run_dir, create=False)
     try:
-        with open(path, encoding="utf-8") as f:
-            return _from_json(json.load(f))
+        # Root replays the ip commands it lists: only a file root wrote may be believed.
+        fd = trust.open_checked(path, os.O_RDONLY, owners=(os.geteuid(),))
+        with open(fd, encoding="utf-8") as f:
+            return _from_json(json.loads(f.read(MAX_STATE)))
     except FileNotFoundError:
+        return RunState()
+    except UntrustedPathError as e:
+        log.warning("%s; treating as no recorded state", e)
         return RunState()
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         log.warning("%s: unreadable (%s); treating as no recorded state", path, e)
@@ -63,15 +72,24 @@ def _from_json(data: object) -> RunState:
 
 
 def write(run_dir: str, state: RunState) -> None:
-    """Write the state file atomically: a temporary file in the same directory, fsync, rename."""
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    """Write the state file atomically: a temporary file in the same directory, fsync, rename.
+
+    mkstemp: an unpredictable name, created with O_EXCL (a link planted there is never followed).
+    """
+    trust.check_root_dir(run_dir)
     path = os.path.join(run_dir, STATE_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(state.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=run_dir)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(state.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def remove(run_dir: str) -> None:
@@ -82,9 +100,9 @@ def remove(run_dir: str) -> None:
 @contextlib.contextmanager
 def locked(run_dir: str, timeout: float = 30.0) -> Iterator[None]:
     """Hold an exclusive flock on RUN_DIR/iptables.lock, waiting at most `timeout` seconds."""
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    trust.check_root_dir(run_dir)
     path = os.path.join(run_dir, IPTABLES_LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = trust.open_checked(path, os.O_RDWR | os.O_CREAT, 0o600, owners=(os.geteuid(),))
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -86,6 +86,7 @@ class Loop:
                 self._execute(self.supervisor.exited(pid, wait_status))
             self._execute(self.supervisor.tick())
             self._watchdog()
+            self.notifier.flush()  # what a full notify socket held back
         self._flush_output()
         return 1 if self.supervisor.exit_status is None else self.supervisor.exit_status
 

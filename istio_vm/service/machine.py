@@ -157,6 +157,7 @@ class Supervisor:
     _deadline: float | None = field(init=False, default=None)  # of the state: backoff, drain or stop end
     _next_probe: float | None = field(init=False, default=None)
     _forced: bool = field(init=False, default=False)  # the tree had to be killed
+    _killed: set[int] = field(init=False, default_factory=set)  # epochs' pids we SIGKILLed ourselves
 
     # ---- events -----------------------------------------------------------------------------
     def start(self) -> list[Action]:
@@ -195,7 +196,8 @@ class Supervisor:
         record = self.epochs.pop(pid, None)
         if record is None:
             return []  # an orphan the supervisor reaped as subreaper: nothing to decide
-        reason = describe_exit(status)
+        reason = describe_exit(status, killed_by_us=pid in self._killed)
+        self._killed.discard(pid)
         extra = {"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number, "ISTIO_CHILD_PID": pid}
         if self.state in (State.DRAINING, State.STOPPING):
             log.info("Epoch %s exited: %s", record.number, reason, extra=extra)
@@ -220,7 +222,7 @@ class Supervisor:
             if self.state is State.DRAINING:
                 return self._stop_now(now)
             self._forced = True
-            return [KillTree(pid) for pid in self.epochs]
+            return self._kill_epochs()
         live = list(self.epochs)
         self.current = None
         if not live:
@@ -287,7 +289,7 @@ class Supervisor:
                 log.warning("The proxy did not exit within %.1fs: killing its process tree",
                             self.policy.stop_timeout, extra={"ISTIO_EVENT": "drain"})
                 self._forced = True
-                actions += [KillTree(pid) for pid in self.epochs]
+                actions += self._kill_epochs()
         if self._next_probe is not None and now >= self._next_probe:
             if self.state is State.DRAINING:
                 self._next_probe = now + self.policy.poll_interval
@@ -343,7 +345,7 @@ class Supervisor:
                       len(self._budget.failures), self.policy.restart_window, self.policy.max_restarts, reason,
                       extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number})
             self.current = None
-            return [*actions, *[KillTree(pid) for pid in self.epochs], *self._finish(status=ExitStatus.CRASH_LOOP)]
+            return [*actions, *self._kill_epochs(), *self._finish(status=ExitStatus.CRASH_LOOP)]
         delay = self._budget.delay(now - record.started >= self.policy.backoff_reset, self.policy)
         self.current = None
         self.restarts += 1
@@ -352,6 +354,11 @@ class Supervisor:
         log.warning("Restarting in %.1fs (restart %s)", delay, self.restarts,
                     extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
         return [*actions, self._status()]
+
+    def _kill_epochs(self) -> list[Action]:
+        """KillTree for every live epoch, remembered so their SIGKILL is not blamed on the OOM killer."""
+        self._killed.update(self.epochs)
+        return [KillTree(pid) for pid in self.epochs]
 
     def _stop_now(self, now: float) -> list[Action]:
         self._enter(State.STOPPING, deadline=now + self.policy.stop_timeout)
@@ -381,14 +388,16 @@ class Supervisor:
 
 
 # ---- wait statuses in words ---------------------------------------------------------------------
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, *, killed_by_us: bool = False) -> str:
     """Why a child ended, as operators read it in the journal (after supervisor's decode_wait_status
-    and gunicorn's "Perhaps out of memory?").
+    and gunicorn's "Perhaps out of memory?", said only of a SIGKILL istio-vm did not send).
 
     >>> describe_exit(256)
     'exited with status 1'
     >>> describe_exit(9)
     'killed by SIGKILL (perhaps out of memory?)'
+    >>> describe_exit(9, killed_by_us=True)
+    'killed by SIGKILL (sent by istio-vm)'
     """
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
@@ -402,7 +411,7 @@ def describe_exit(status: int) -> str:
         if os.WCOREDUMP(status):
             text += " (core dumped)"
         elif number == signal.SIGKILL:
-            text += " (perhaps out of memory?)"
+            text += " (sent by istio-vm)" if killed_by_us else " (perhaps out of memory?)"
         return text
     return f"ended with wait status {status:#x}"
 

@@ -1,8 +1,10 @@
 """Starting, signalling and reaping the proxy's processes (the loop's `ProcessOps` seam).
 
 Children start in their own session (so a process group per epoch), with stdout and stderr on pipes
-for the log relay; the supervisor is a child subreaper, so what a child leaves behind (pilot-agent's
-Envoy) is re-parented to it and can be killed and reaped instead of being orphaned to PID 1.
+for the log relay, and die with the supervisor (PR_SET_PDEATHSIG); the supervisor is a child
+subreaper, so what a child leaves behind (pilot-agent's Envoy) is re-parented to it and can be killed
+and reaped instead of being orphaned to PID 1. The epochs' process groups are recorded under the run
+dir, so the next start kills what a SIGKILLed supervisor's proxy left running.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from typing import Protocol
 
 import psutil
 
+from istio_vm import trust
+from istio_vm.errors import UntrustedPathError
+
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+CHILDREN_FILE = "children"  # RUN_DIR/children: "pid start-time" of each live epoch's process group
+KILL_PASSES = 100  # kill_tree's bound: each pass sees what was forked while the previous one looked
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,28 +47,25 @@ class ProcessOps(Protocol):
     def remove_foreign(self, path: str) -> None: ...
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def become_subreaper() -> None:
     """Orphaned descendants are re-parented to this process (prctl PR_SET_CHILD_SUBREAPER)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
 
 
 class RealProcessOps:
+    def __init__(self, children: int | None = None) -> None:
+        self._children = children  # fd of RUN_DIR/children, opened as root before the privilege drop
+        self._recorded: dict[int, float] = {}
+
     def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            # posix_spawn: no Python runs in the child between fork and exec (unlike preexec_fn), and
-            # a failed exec is reported here as an OSError. setsid gives each epoch its own group.
-            pid = os.posix_spawn(
-                argv[0], list(argv), dict(env), setsid=True,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, out_w, 1),
-                    (os.POSIX_SPAWN_DUP2, err_w, 2),
-                ],
-            )
+            pid = _fork_exec(argv, env, out_w, err_w)
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -70,21 +75,50 @@ class RealProcessOps:
             os.close(err_w)
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
+        self._record(pid)
         return Child(pid, out_r, err_r)
+
+    def _record(self, pid: int) -> None:
+        """RUN_DIR/children := the epochs' groups still alive, with their start times (pid reuse)."""
+        if self._children is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            self._recorded[pid] = psutil.Process(pid).create_time()
+        for old in [p for p, started in self._recorded.items() if not _alive(p, started)]:
+            del self._recorded[old]
+        text = "".join(f"{p} {started!r}\n" for p, started in self._recorded.items())
+        try:
+            os.ftruncate(self._children, 0)
+            os.pwrite(self._children, text.encode(), 0)
+        except OSError as e:
+            log.warning("cannot record the proxy's pid: %s", e)
 
     def signal(self, pid: int, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
     def kill_tree(self, pid: int, keep: Iterable[int]) -> None:
-        """SIGKILL the process group `pid` and every descendant of ours outside the groups in `keep`."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        """SIGKILL the process group `pid` and every descendant of ours outside the groups in `keep`,
+        pass after pass until one finds nothing alive left to kill: what forked while a pass listed
+        the tree is seen by the next (a process cannot fork once SIGKILL is pending for it)."""
         kept = set(keep)
-        for process in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getpgid(process.pid) not in kept:
+        killed: set[int] = set()
+        for _ in range(KILL_PASSES):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            found = []
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if (process.pid not in killed and os.getpgid(process.pid) not in kept
+                            and process.status() != psutil.STATUS_ZOMBIE):
+                        found.append(process)
+            if not found:
+                return
+            for process in found:
+                with contextlib.suppress(psutil.Error):
                     process.kill()
+                killed.add(process.pid)
+        log.warning("Killing the tree of %s: processes still appearing after %s passes", pid, KILL_PASSES)
 
     def reap(self) -> list[tuple[int, int]]:
         """Every child that has exited, with its wait status (waitpid(-1, WNOHANG) until none)."""
@@ -104,12 +138,117 @@ class RealProcessOps:
         return reaped
 
     def remove_foreign(self, path: str) -> None:
-        """Remove `path` if another user owns it (a file we own is left alone)."""
+        remove_foreign(path, os.geteuid())
+
+
+def remove_foreign(path: str, owner: int) -> None:
+    """Remove `path` if a user other than `owner` owns it (the owner's own is left alone).
+
+    start.py calls it as root before the privilege drop: /dev/shm is sticky, so once we are the
+    proxy's user a root-owned leftover (Envoy's memory of an old run as root) cannot be removed.
+    """
+    try:
+        if os.lstat(path).st_uid != owner:
+            os.unlink(path)
+            log.info("Removed %s (left by another user)", path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("Cannot remove %s: %s", path, e)
+
+
+def _alive(pid: int, started: float) -> bool:
+    """`pid` is still the process that started at `started` (not a reused pid), and not a zombie."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_leftovers(run_dir: str) -> int:
+    """At start, before anything else: SIGKILL the process groups a previous supervisor recorded
+    that still run (it was SIGKILLed and its proxy's children lived on, holding the ports).
+    Returns how many groups were killed."""
+    path = os.path.join(run_dir, CHILDREN_FILE)
+    try:
+        fd = trust.open_checked(path, os.O_RDONLY, owners=(os.geteuid(),))
+    except FileNotFoundError:
+        return 0
+    except (OSError, UntrustedPathError) as e:
+        log.warning("%s: not read (%s)", path, e)
+        return 0
+    with open(fd, encoding="ascii", errors="replace") as f:
+        lines = f.read(1 << 16).splitlines()
+    killed = 0
+    for line in lines:
+        words = line.split()
         try:
-            if os.stat(path).st_uid != os.geteuid():
-                os.unlink(path)
-                log.info("Removed %s (left by another user)", path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("Cannot remove %s: %s", path, e)
+            pid, started = int(words[0]), float(words[1])
+        except (IndexError, ValueError):
+            continue
+        if pid > 1 and pid != os.getpid() and _alive(pid, started):
+            log.warning("Killing process group %s: left running by a previous istio-vm that was killed", pid,
+                        extra={"ISTIO_EVENT": "leftover"})
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def open_children_file(run_dir: str) -> int:
+    """RUN_DIR/children, kept open across the privilege drop so the supervisor can go on writing it."""
+    return trust.open_checked(os.path.join(run_dir, CHILDREN_FILE), os.O_RDWR | os.O_CREAT, 0o600,
+                              owners=(os.geteuid(),))
+
+
+def _fork_exec(argv: Sequence[str], env: Mapping[str, str], out_w: int, err_w: int) -> int:
+    """fork, then in the child: own session, PR_SET_PDEATHSIG(SIGKILL), stdio, execve.
+
+    posix_spawn cannot set the parent-death signal, so this forks. Signals are blocked around fork,
+    so no handler of ours runs in the child, whose handlers go back to default before the mask is
+    restored for the exec. If the supervisor died before the prctl took effect, the child has been
+    re-parented already: the getppid() check closes that race. A failed exec comes back through a
+    close-on-exec pipe, as an OSError here (as posix_spawn reports it).
+    """
+    parent = os.getpid()
+    report_r, report_w = os.pipe()
+    blocked = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, seen by the tests that run real processes
+            try:
+                os.close(report_r)
+                signal.set_wakeup_fd(-1)
+                for signum in blocked:
+                    with contextlib.suppress(OSError, ValueError):
+                        if signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                            signal.signal(signum, signal.SIG_DFL)
+                os.setsid()
+                if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+                    os._exit(127)
+                null = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                os.execve(argv[0], list(argv), dict(env))
+            except OSError as e:
+                os.write(report_w, str(e.errno).encode())
+            finally:
+                os._exit(127)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(report_w)
+    report = b""
+    try:
+        while chunk := os.read(report_r, 64):
+            report += chunk
+    finally:
+        os.close(report_r)
+    if report:
+        os.waitpid(pid, 0)
+        number = int(report) if report.isdigit() else errno.ENOEXEC
+        raise OSError(number, os.strerror(number), argv[0])
+    return pid

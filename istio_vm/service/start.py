@@ -14,10 +14,10 @@ import resource
 import signal
 from collections.abc import Callable, Iterator
 
-from istio_vm import __version__, logs
+from istio_vm import __version__, logs, trust
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
-from istio_vm.service import privileges
+from istio_vm.service import privileges, processes
 from istio_vm.service.loop import SIGNALS, Loop
 from istio_vm.service.machine import Policy, Supervisor
 from istio_vm.service.notify import Notifier, watchdog_interval
@@ -35,9 +35,9 @@ RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one i
 @contextlib.contextmanager
 def run_lock(run_dir: str) -> Iterator[None]:
     """One `istio-vm start` at a time per host: an flock on RUN_DIR/lock holding our pid."""
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    trust.check_root_dir(run_dir)
     path = os.path.join(run_dir, RUN_LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = trust.open_checked(path, os.O_RDWR | os.O_CREAT, 0o644, owners=(os.geteuid(),))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,11 +51,16 @@ def run_lock(run_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def running_pid(run_dir: str) -> int | None:
-    """The pid of the running `istio-vm start`, if one holds the lock."""
+def running_pid(run_dir: str, proc_locks: str = "/proc/locks") -> int | None:
+    """The pid of the running `istio-vm start`, if one holds the lock.
+
+    The pid written in the file is believed only if that very process holds the exclusive flock on
+    that very file (/proc/locks): a stale or forged number is never signalled.
+    """
     path = os.path.join(run_dir, RUN_LOCK)
+    trust.check_root_dir(run_dir, create=False)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = trust.open_checked(path, os.O_RDONLY, owners=(0,) if os.geteuid() == 0 else None)
     except FileNotFoundError:
         return None
     try:
@@ -63,10 +68,30 @@ def running_pid(run_dir: str) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
+            holders = flock_holders(os.fstat(fd), proc_locks)
+            if text.isdigit() and int(text) in holders:
+                return int(text)
+            raise LockedError(f"{path} names pid {text or '(none)'}, but the lock is held by "
+                              f"{', '.join(map(str, sorted(holders))) or 'no process found'}: not signalling") from None
         return None  # nobody holds it
     finally:
         os.close(fd)
+
+
+def flock_holders(st: os.stat_result, proc_locks: str = "/proc/locks") -> set[int]:
+    """Pids holding an exclusive flock on the file of `st`, from /proc/locks
+    ("1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; the device in hex, the inode in decimal)."""
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    with open(proc_locks, encoding="ascii", errors="replace") as f:
+        for line in f:
+            words = line.split()
+            if "->" in words:  # a waiter, not a holder
+                continue
+            if (len(words) >= 6 and words[1] == "FLOCK" and words[3] == "WRITE" and words[5] == device
+                    and words[4].isdigit()):
+                holders.add(int(words[4]))
+    return holders
 
 
 def raise_nofile() -> None:
@@ -81,6 +106,8 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
     """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
     log.info("istio-vm %s starting (mode %s)", __version__, mode or "default")  # which release runs, in the journal
     with run_lock(config.supervision.run_dir):
+        if mode != "init":
+            check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
         if mode in ("", "init"):
             install_iptables(config)
         if mode == "init":
@@ -88,20 +115,39 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
         return supervise(config)
 
 
+def check_root_proxy(config: Config) -> None:
+    """When the proxy would run as root (TPROXY: EXEC_USER root), every file it runs or reads its
+    configuration from must be one only root can change: else any user who can write it is root."""
+    if config.agent.exec_user.uid != 0 or os.geteuid() != 0:
+        return
+    command = proxy_command(config, {})
+    paths = [("ENVOY_BINARY" if command.hot_restart else "ISTIO_BIN_BASE/pilot-agent", command.argv(0)[0])]
+    if command.hot_restart:
+        paths.append(("ENVOY_BOOTSTRAP", config.supervision.envoy_bootstrap))
+    for what, path in paths:
+        trust.check_root_path(path, f"{what} (the proxy runs as root)")
+
+
 def supervise(config: Config) -> int:
     """Drop privileges and run the loop until the proxy is stopped: the composition root of the service."""
     identity = privileges.resolve(config.agent.exec_user)
     become_subreaper()
     raise_nofile()
-    privileges.drop_to(identity)
     command = proxy_command(config, identity.environment())
+    # Root's last chores: what a killed predecessor left behind, which the proxy's user could not undo.
+    processes.kill_leftovers(config.supervision.run_dir)
+    children = processes.open_children_file(config.supervision.run_dir)
+    if command.shared_memory is not None:
+        processes.remove_foreign(command.shared_memory, identity.uid)
+    privileges.drop_to(identity)
     output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
                          log_dir=config.agent.log_dir)
     supervisor = Supervisor(Policy.of(config.supervision, hot_restart=command.hot_restart))
     try:
         with captured(HANDLED) as queue:
-            loop = Loop(supervisor, command, RealProcessOps(), Notifier(), output, admin_for(command),
+            loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
                         watchdog_interval=watchdog_interval(os.environ, os.getpid()))
             return loop.run(queue)
     finally:
         output.close()
+        os.close(children)
