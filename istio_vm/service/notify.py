@@ -35,6 +35,11 @@ class NotifySocket:
         self._socket.sendto(message.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self._address)
         return True
 
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
 
 class Notifier:
     def __init__(self, sender: Callable[[str], bool] | None = None) -> None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-CHILDREN_FILE = "children"  # RUN_DIR/children: "pid start-time" of each live epoch's process group
+CHILDREN_FILE = "children"  # RUN_DIR/children: "pid start-time uid" of each live epoch's process group
 KILL_PASSES = 100  # kill_tree's bound: each pass sees what was forked while the previous one looked
 
 
@@ -59,7 +59,7 @@ def become_subreaper() -> None:
 class RealProcessOps:
     def __init__(self, children: int | None = None) -> None:
         self._children = children  # fd of RUN_DIR/children, opened as root before the privilege drop
-        self._recorded: dict[int, float] = {}
+        self._recorded: dict[int, tuple[float, int]] = {}
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
         out_r, out_w = os.pipe()
@@ -83,10 +83,10 @@ class RealProcessOps:
         if self._children is None:
             return
         with contextlib.suppress(psutil.Error):
-            self._recorded[pid] = psutil.Process(pid).create_time()
-        for old in [p for p, started in self._recorded.items() if not _alive(p, started)]:
+            self._recorded[pid] = (psutil.Process(pid).create_time(), os.getuid())
+        for old in [p for p, (started, _) in self._recorded.items() if not _alive(p, started)]:
             del self._recorded[old]
-        text = "".join(f"{p} {started!r}\n" for p, started in self._recorded.items())
+        text = "".join(f"{p} {started!r} {uid}\n" for p, (started, uid) in self._recorded.items())
         try:
             os.ftruncate(self._children, 0)
             os.pwrite(self._children, text.encode(), 0)
@@ -167,9 +167,15 @@ def _alive(pid: int, started: float) -> bool:
 
 
 def kill_leftovers(run_dir: str) -> int:
-    """At start, before anything else: SIGKILL the process groups a previous supervisor recorded
-    that still run (it was SIGKILLed and its proxy's children lived on, holding the ports).
-    Returns how many groups were killed."""
+    """At start, before anything else: SIGKILL what is left of the process groups a previous
+    supervisor recorded (it was SIGKILLed, and its proxy's children lived on, holding the ports).
+
+    A recorded group is ours while its leader is the recorded process (same start time), or, the
+    leader being dead, in its members: the kernel never gives a pid to a new process while a group
+    of that number exists, and the members must run as the recorded user and be younger than the
+    leader (a zombie leader, which an init that does not reap leaves, still names its group).
+    Returns how many processes were killed.
+    """
     path = os.path.join(run_dir, CHILDREN_FILE)
     try:
         fd = trust.open_checked(path, os.O_RDONLY, owners=(os.geteuid(),))
@@ -180,20 +186,41 @@ def kill_leftovers(run_dir: str) -> int:
         return 0
     with open(fd, encoding="ascii", errors="replace") as f:
         lines = f.read(1 << 16).splitlines()
-    killed = 0
+    groups: dict[int, tuple[float, int]] = {}
     for line in lines:
         words = line.split()
-        try:
-            pid, started = int(words[0]), float(words[1])
-        except (IndexError, ValueError):
-            continue
-        if pid > 1 and pid != os.getpid() and _alive(pid, started):
-            log.warning("Killing process group %s: left running by a previous istio-vm that was killed", pid,
-                        extra={"ISTIO_EVENT": "leftover"})
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            killed += 1
+        with contextlib.suppress(IndexError, ValueError):
+            groups[int(words[0])] = (float(words[1]), int(words[2]))
+    groups.pop(os.getpid(), None)
+    groups.pop(1, None)
+    if not groups:
+        return 0
+    killed = 0
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            group = os.getpgid(process.pid)
+            if group not in groups or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            started, uid = groups[group]
+            leader = _leader(group)
+            if leader is not None:  # the recorded process, alive or a zombie nobody reaped
+                ours = leader == started
+            else:
+                ours = process.uids().real == uid and process.create_time() >= started
+            if ours:
+                log.warning("Killing %s (pid %s, process group %s): left running by a previous istio-vm that "
+                            "was killed", process.name(), process.pid, group, extra={"ISTIO_EVENT": "leftover"})
+                process.kill()
+                killed += 1
     return killed
+
+
+def _leader(group: int) -> float | None:
+    """The start time of process `group` (zombie or not), None if there is no such process."""
+    try:
+        return psutil.Process(group).create_time()
+    except psutil.Error:
+        return None
 
 
 def open_children_file(run_dir: str) -> int:

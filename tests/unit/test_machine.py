@@ -146,6 +146,19 @@ def test_agent_stop_forwards_sigterm_then_kills_the_tree_after_the_grace() -> No
     assert (sv.state, sv.exit_status) == (State.STOPPED, ExitStatus.FAILURE)  # it had to be killed
 
 
+def test_a_sigkill_istio_vm_sent_is_not_blamed_on_the_oom_killer(caplog: pytest.LogCaptureFixture) -> None:
+    sv, clock = make(termination_drain=1, stop_timeout=1)
+    started(sv)
+    sv.ready(0)
+    sv.terminate()
+    clock.advance(2)
+    assert sv.tick() == [KillTree(100)]
+    with caplog.at_level(logging.INFO):
+        sv.exited(100, KILLED)
+    assert "Epoch 0 exited: killed by SIGKILL (sent by istio-vm)" in caplog.text
+    assert "out of memory" not in caplog.text
+
+
 def test_clean_agent_stop_exits_0_and_kills_leftovers() -> None:
     sv, _ = make()
     started(sv)
