@@ -2,8 +2,9 @@
 
 `install_plan` reads one save per family (the snapshot), then writes one `iptables-restore --noflush`
 per family that has something to remove or add (removal of the Istio state found + the plan, per
-table) and runs the `ip` commands in one `ip -batch`. If anything fails, both families go back to
-the snapshot and applied `ip` commands are undone. `clean_host` is the same with an empty plan.
+table) and runs the `ip` commands in one `ip -batch`. If anything fails, Istio's state of each
+family that changed goes back to the snapshot's (nothing else is touched) and applied `ip` commands
+are undone. `clean_host` is the same with an empty plan, family by family and without rollback.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import ip_batch, state
-from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, take
-from istio_vm.iptables.found import find
+from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, save, take
+from istio_vm.iptables.found import Owners, find
 from istio_vm.iptables.ip_batch import IpCommand
-from istio_vm.iptables.restore_input import Input, compose, rollback_text
+from istio_vm.iptables.restore_input import Input, compose, undo_text
 from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
 
@@ -98,13 +99,24 @@ def _run_ip(runner: Runner, commands: Sequence[IpCommand], progress: _Progress) 
     return failures
 
 
-def _rollback(runner: Runner, snap: Snapshot, progress: _Progress) -> list[str]:
-    """Put the written tables back as in the snapshot and undo applied ip commands; return errors."""
+def _rollback(runner: Runner, snap: Snapshot, progress: _Progress, owners: Owners | None) -> list[str]:
+    """Put Istio's state of each family written back as in the snapshot, and undo applied ip
+    commands; return errors (none: the host's Istio state is as found).
+
+    A fresh save says what the failed run really changed: a restore that failed as a whole (the
+    xtables lock held, a bad line) changed nothing and needs no undo. Only Istio's rules are
+    touched (undo_text): a rule another program added since the snapshot stays.
+    """
     errors: list[str] = []
-    for family, tables in progress.written:
-        # Without --noflush each table is replaced whole by its snapshot section: exact, and atomic per table.
-        text = rollback_text(snap.saves[family], tables)
-        done = runner.run(_restore_argv(snap.backend, family), input=text, timeout=RESTORE_TIMEOUT)
+    for family, _tables in progress.written:
+        now = save(runner, snap.backend, family)
+        if not now.ok:
+            errors.append(f"IPv{family}: cannot read the rules back to undo them: {now.describe()}")
+            continue
+        text = undo_text(now.stdout, snap.saves[family], owners)
+        if not text:
+            continue  # unchanged
+        done = runner.run(_restore_argv(snap.backend, family, "--noflush"), input=text, timeout=RESTORE_TIMEOUT)
         if not done.ok:
             errors.append(f"IPv{family}: {done.describe()}")
     if progress.ip_done:
@@ -124,9 +136,9 @@ def _recorded_ip(previous: state.RunState, run_dir: str) -> list[IpCommand]:
         raise ApplyError(f"{run_dir}/{state.STATE_FILE}: {e}") from None
 
 
-def _inputs(snap: Snapshot, plan: Plan, what: str) -> dict[int, Input]:
+def _inputs(snap: Snapshot, plan: Plan, what: str, owners: Owners | None) -> dict[int, Input]:
     """Per family read, the restore input removing the Istio state found and adding the plan."""
-    inputs = {family: compose(find(save), plan.tables(family)) for family, save in snap.saves.items()}
+    inputs = {family: compose(find(text, owners), plan.tables(family)) for family, text in snap.saves.items()}
     for family, inp in inputs.items():
         log.info("%s IPv%d: %d removal lines for the Istio state found, %d plan lines", what, family,
                  len(inp.removed), len(inp.added))
@@ -147,7 +159,7 @@ def _test_multi_table(runner: Runner, snap: Snapshot, inputs: dict[int, Input], 
 
 
 def _write(runner: Runner, snap: Snapshot, inputs: dict[int, Input], ip_commands: Sequence[IpCommand],
-           progress: _Progress, what: str) -> None:
+           progress: _Progress, what: str, owners: Owners | None) -> None:
     """Test the multi-table inputs, run the ip batch, then one restore per family; on any failure
     roll back what was written."""
     _test_multi_table(runner, snap, inputs, what)
@@ -165,7 +177,7 @@ def _write(runner: Runner, snap: Snapshot, inputs: dict[int, Input], ip_commands
             if not done.ok:
                 raise _Failed(f"IPv{family}: {done.describe()}", done.stderr)
     except _Failed as failure:
-        errors = _rollback(runner, snap, progress)
+        errors = _rollback(runner, snap, progress, owners)
         raise ApplyError(f"{what} failed, {'host left as found' if not errors else 'ROLLBACK INCOMPLETE'}: "
                          f"{failure}", stderr=failure.stderr,
                          rollback_errors=tuple(errors)) from None
@@ -179,56 +191,90 @@ def _report(snap: Snapshot, inputs: dict[int, Input], progress: _Progress, runne
 
 
 def install_plan(plan: Plan, *, run_dir: str, backend: str | None = None, runner: Runner | None = None,
-                 dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+                 dry_run: bool = False, proc_net: str = PROC_NET, owners: Owners | None = None) -> Report:
     """Replace the Istio state found on the host by the plan, atomically, in as few processes as possible.
 
-    Raises ApplyError (host rolled back) on any failure.
+    `owners`: the values that make a 1.9-shaped built-in-chain rule Istio's (this configuration's;
+    those the last install recorded are added); None: any value. Raises ApplyError (host rolled
+    back) on any failure.
     """
     counting = CountingRunner(runner or SubprocessRunner())
     planned = list(plan.ip_commands)
     with state.locked(run_dir):
         previous = state.read(run_dir)
         recorded = _recorded_ip(previous, run_dir)
+        effective = None if owners is None else owners | previous.owners
         batch = ip_batch.install_commands(recorded, planned) if (recorded or planned) else []
         if not dry_run:  # record the intent first: a crash half-way still lets clean find the ip state
             union = previous.ip_commands + tuple(c.argv for c in planned if c.argv not in previous.ip_commands)
-            state.write(run_dir, state.RunState(backend or previous.backend, union))
+            state.write(run_dir, state.RunState(backend or previous.backend, union,
+                                                previous.owners | (owners or Owners())))
         progress = _Progress()
         try:
             snap = take(counting, override=backend, recorded=previous.backend,
                         optional=set() if plan.v6 else {6}, proc_net=proc_net)
-            inputs = _inputs(snap, plan, "install")
+            inputs = _inputs(snap, plan, "install", effective)
             if not dry_run:
-                _write(counting, snap, inputs, batch, progress, "install")
+                _write(counting, snap, inputs, batch, progress, "install", effective)
         except ApplyError:
             if not dry_run:
                 _restore_state(run_dir, previous)
             raise
         if not dry_run:
-            state.write(run_dir, state.RunState(snap.backend, tuple(c.argv for c in planned)))
+            state.write(run_dir, state.RunState(snap.backend, tuple(c.argv for c in planned), owners or Owners()))
     return _report(snap, inputs, progress, counting, dry_run)
 
 
 def clean_host(*, run_dir: str, backend: str | None = None, runner: Runner | None = None,
-               dry_run: bool = False, proc_net: str = PROC_NET) -> Report:
+               dry_run: bool = False, proc_net: str = PROC_NET, owners: Owners | None = None) -> Report:
     """Remove the Istio state found on the host and the ip state recorded by the last install.
 
-    Idempotent: on a clean host it only reads (two saves). Raises ApplyError (rolled back) on failure.
+    Family by family: each restore is atomic per table, and a family that fails (its restore, or
+    the --test of a two-table input) does not keep the other's rules; the recorded ip state is
+    removed either way. Idempotent: on a clean host it only reads (two saves). Raises ApplyError
+    naming what could not be removed (the state file is kept for a retry).
     """
     counting = CountingRunner(runner or SubprocessRunner())
     with state.locked(run_dir):
         previous = state.read(run_dir)
         recorded = _recorded_ip(previous, run_dir)
+        effective = None if owners is None else owners | previous.owners
         snap = take(counting, override=backend, recorded=previous.backend, optional={6}, proc_net=proc_net)
-        inputs = _inputs(snap, Plan(), "clean")
+        inputs = _inputs(snap, Plan(), "clean", effective)
         progress = _Progress()
         if not dry_run:
-            _write(counting, snap, inputs, [], progress, "clean")
+            failures = _clean_families(counting, snap, inputs)
             undo = [c.inverse() for c in reversed(recorded) if c.verb == "add"]
             for command, message in _run_ip(counting, undo, progress) if undo else []:
                 log.warning("clean: %s: %s (already gone?)", command.line(), message)
+            if failures:
+                state.write(run_dir, state.RunState(snap.backend, (), previous.owners))
+                cleaned = [f"IPv{f}" for f, i in sorted(inputs.items()) if i.text and f not in dict(failures)]
+                raise ApplyError(f"clean failed for {'; '.join(m for _, m in failures)}"
+                                 + (f" ({', '.join(cleaned)} cleaned)" if cleaned else ""),
+                                 stderr="\n".join(m for _, m in failures))
             state.remove(run_dir)
     return _report(snap, inputs, progress, counting, dry_run)
+
+
+def _clean_families(runner: Runner, snap: Snapshot, inputs: dict[int, Input]) -> list[tuple[int, str]]:
+    """One restore per family with something to remove; the failures, as (family, message)."""
+    failures: list[tuple[int, str]] = []
+    for family, inp in sorted(inputs.items()):
+        if not inp.text:
+            continue
+        if inp.multi_table:
+            tested = runner.run(_restore_argv(snap.backend, family, "--test", "--noflush"), input=inp.text,
+                                timeout=RESTORE_TIMEOUT)
+            if not tested.ok:
+                failures.append((family, f"IPv{family} (nothing removed): {tested.describe()}"))
+                continue
+        done = runner.run(_restore_argv(snap.backend, family, "--noflush"), input=inp.text, timeout=RESTORE_TIMEOUT)
+        if not done.ok:
+            failures.append((family, f"IPv{family}: {done.describe()}"))
+    for _, message in failures:
+        log.error("clean: %s", message)
+    return failures
 
 
 def _restore_state(run_dir: str, previous: state.RunState) -> None:

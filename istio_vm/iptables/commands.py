@@ -9,7 +9,7 @@ verify = compare. All honour ISTIO_CUSTOM_IP_TABLES; install and clean honour DR
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from istio_vm.config import render
@@ -17,6 +17,7 @@ from istio_vm.config.checks import go_bool
 from istio_vm.config.model import Config, Shell
 from istio_vm.config.resolve import lenient
 from istio_vm.iptables import apply
+from istio_vm.iptables.found import Owners
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
@@ -37,9 +38,15 @@ def install(config: Config) -> apply.Report | None:
         log.info("SKIP_RULE_APPLY=true: no rules installed")
         return None
     report = apply.install_plan(plan, backend=config.iptables.backend, run_dir=config.supervision.run_dir,
-                                dry_run=config.iptables.dry_run)
+                                dry_run=config.iptables.dry_run, owners=owners_of(config))
     _log_report("install", report)
     return report
+
+
+def owners_of(config: Config) -> Owners:
+    """The values this configuration gives 1.9's built-in-chain rules (found.Owners)."""
+    c = config.capture
+    return Owners.of(uids=c.proxy_uid, gids=c.proxy_gid, marks=c.inbound_tproxy_mark, interfaces=c.kubevirt_interfaces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,23 +55,39 @@ class CleanSettings:
     backend: str | None
     run_dir: str
     dry_run: bool
+    owners: Owners = field(default_factory=Owners)
 
     @classmethod
     def from_shell(cls, shell: Shell) -> CleanSettings:
         """From possibly broken env files: each setting if valid, else its default (and a warning)."""
         values, problems = lenient(shell, "ISTIO_CUSTOM_IP_TABLES", "ISTIO_IPTABLES_BACKEND", "ISTIO_VM_RUN_DIR",
-                                   "DRY_RUN")
+                                   "DRY_RUN", "PROXY_UID", "PROXY_GID", "ENVOY_USER", "ISTIO_INBOUND_TPROXY_MARK",
+                                   "KUBE_VIRT_INTERFACES")
         for problem in problems:
             log.warning("ignored for clean: %s", problem)
+        uids = values["PROXY_UID"] or _uid_of(values["ENVOY_USER"])
+        owners = Owners.of(uids=uids, gids=values["PROXY_GID"] or uids, marks=values["ISTIO_INBOUND_TPROXY_MARK"],
+                           interfaces=values["KUBE_VIRT_INTERFACES"])
         return cls(values["ISTIO_CUSTOM_IP_TABLES"] == "true", values["ISTIO_IPTABLES_BACKEND"] or None,
-                   values["ISTIO_VM_RUN_DIR"], go_bool(values["DRY_RUN"]))
+                   values["ISTIO_VM_RUN_DIR"], go_bool(values["DRY_RUN"]), owners)
+
+
+def _uid_of(user: str) -> str:
+    """PROXY_UID's default, as istio-iptables derives it: ENVOY_USER's uid ("" if there is none)."""
+    import pwd
+
+    try:
+        return str(pwd.getpwnam(user).pw_uid)
+    except KeyError:
+        return ""
 
 
 def clean(settings: CleanSettings) -> apply.Report | None:
     if settings.custom:
         log.info(CUSTOM)
         return None
-    report = apply.clean_host(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run)
+    report = apply.clean_host(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run,
+                              owners=settings.owners)
     _log_report("clean", report)
     return report
 
@@ -72,7 +95,8 @@ def clean(settings: CleanSettings) -> apply.Report | None:
 def verify(config: Config) -> VerifyResult:
     from istio_vm.iptables.verify import compare
 
-    return compare(build_plan(config.capture), backend=config.iptables.backend, run_dir=config.supervision.run_dir)
+    return compare(build_plan(config.capture), backend=config.iptables.backend, run_dir=config.supervision.run_dir,
+                   owners=owners_of(config))
 
 
 def _log_report(what: str, report: apply.Report) -> None:

@@ -25,11 +25,51 @@ def _one_value(rule: SavedRule, option: str) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
-def ownership(rule: SavedRule) -> str | None:
+def _split(text: str) -> frozenset[str]:
+    return frozenset(item for item in text.replace(",", " ").split() if item)
+
+
+def _number(text: str) -> int | None:
+    """A mark as iptables prints it (0x539) or as configured (1337)."""
+    try:
+        return int(text, 0) if text[:2].lower() == "0x" else int(text, 10)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """The values that make a rule of one of 1.9's built-in-chain shapes Istio's: the proxy's uids
+    and gids (DNS exemptions), the TPROXY marks (CONNMARK) and the kubevirt interfaces, from this
+    configuration and from the state file of the last install. A rule of the same shape with other
+    values is someone else's (a host that never ran Istio can have `-i eth1 -j RETURN`)."""
+
+    uids: frozenset[str] = frozenset()
+    gids: frozenset[str] = frozenset()
+    marks: frozenset[int] = frozenset()
+    interfaces: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, *, uids: str = "", gids: str = "", marks: str = "", interfaces: str = "") -> Owners:
+        """From settings' texts (comma lists, as PROXY_UID and KUBE_VIRT_INTERFACES are written)."""
+        numbers = {_number(m) for m in _split(marks)}
+        return cls(_split(uids), _split(gids), frozenset(n for n in numbers if n is not None), _split(interfaces))
+
+    def __or__(self, other: Owners) -> Owners:
+        return Owners(self.uids | other.uids, self.gids | other.gids, self.marks | other.marks,
+                      self.interfaces | other.interfaces)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"uids": sorted(self.uids), "gids": sorted(self.gids), "marks": sorted(map(str, self.marks)),
+                "interfaces": sorted(self.interfaces)}
+
+
+def ownership(rule: SavedRule, owners: Owners | None = None) -> str | None:
     """Why a built-in-chain rule belongs to Istio (a short reason), or None when it does not.
 
     Shapes are matched exactly (every option, the target and its arguments), so a user's rule that
-    merely resembles one (another port, an extra match) is left alone.
+    merely resembles one (another port, an extra match) is left alone; with `owners`, a 1.9 shape
+    counts only with one of its values (None: any value, for a dump of a plan alone).
     """
     if rule.table not in TABLES or rule.chain not in BUILTIN_CHAINS:
         return None
@@ -39,7 +79,9 @@ def ownership(rule: SavedRule) -> str | None:
     if key == ("nat", "OUTPUT"):
         for owner in ("--uid-owner", "--gid-owner"):
             who = _one_value(rule, owner)
-            if (who is not None and rule.target == "RETURN" and not rule.target_args and rule.options
+            allowed = None if owners is None else owners.uids if owner == "--uid-owner" else owners.gids
+            if (who is not None and (allowed is None or who in allowed) and rule.target == "RETURN"
+                    and not rule.target_args and rule.options
                     == _options(("-p", "udp"), ("--dport", DNS_PORT), ("-m", "owner"), (owner, who))):
                 return f"1.9 DNS exemption ({owner} {who})"
         server = _one_value(rule, "-d")
@@ -50,13 +92,14 @@ def ownership(rule: SavedRule) -> str | None:
     if key in (("mangle", "PREROUTING"), ("mangle", "OUTPUT")):
         module, action = ("mark", "--save-mark") if rule.chain == "PREROUTING" else ("connmark", "--restore-mark")
         mark = _one_value(rule, "--mark")
-        if (mark is not None and rule.target == "CONNMARK"
+        if (mark is not None and (owners is None or _number(mark) in owners.marks) and rule.target == "CONNMARK"
                 and rule.target_args in ((action,), (action, *_DEFAULT_MASKS))
                 and rule.options == _options(("-p", "tcp"), ("-m", module), ("--mark", mark))):
             return f"1.9 TPROXY CONNMARK {action[2:]}"
     if key == ("nat", "PREROUTING"):
         interface = _one_value(rule, "-i")
-        if interface is not None and rule.target == "RETURN" and not rule.target_args and (
+        if (interface is not None and (owners is None or interface in owners.interfaces)
+                and rule.target == "RETURN" and not rule.target_args and
                 rule.options == _options(("-i", interface))):
             return f"1.9 kubevirt interface {interface}"
     return None
@@ -111,17 +154,17 @@ class Found:
         return lines
 
 
-def find_in_table(table: SavedTable) -> FoundTable:
+def find_in_table(table: SavedTable, owners: Owners | None = None) -> FoundTable:
     chains = tuple(name for name, _ in table.chains if name.startswith(PREFIX))
-    owned = tuple(rule for rule in table.rules if ownership(rule) is not None)
+    owned = tuple(rule for rule in table.rules if ownership(rule, owners) is not None)
     inside = tuple(rule for rule in table.rules if rule.chain.startswith(PREFIX))
     return FoundTable(table.name, chains, owned, inside)
 
 
-def find(save_text: str) -> Found:
-    """Istio's state in an iptables-save dump (of one family)."""
+def find(save_text: str, owners: Owners | None = None) -> Found:
+    """Istio's state in an iptables-save dump (of one family); `owners` as for ownership()."""
     saved = parse_save(save_text)
-    found = [find_in_table(saved[name]) for name in TABLES if name in saved]
+    found = [find_in_table(saved[name], owners) for name in TABLES if name in saved]
     return Found(tuple(t for t in found if not t.empty))
 
 

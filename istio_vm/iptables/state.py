@@ -15,10 +15,11 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from istio_vm import trust
 from istio_vm.errors import ApplyError, UntrustedPathError
+from istio_vm.iptables.found import Owners
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ MAX_STATE = 1 << 20  # bytes read at most: a real state file is a few hundred
 class RunState:
     backend: str | None = None
     ip_commands: tuple[tuple[str, ...], ...] = ()
+    owners: Owners = field(default_factory=Owners)  # values of the 1.9-shaped built-in rules it wrote
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, "backend": self.backend,
-                           "ip_commands": [list(c) for c in self.ip_commands]}, indent=2) + "\n"
+                           "ip_commands": [list(c) for c in self.ip_commands],
+                           "owners": self.owners.to_json()}, indent=2) + "\n"
 
 
 def read(run_dir: str) -> RunState:
@@ -68,7 +71,12 @@ def _from_json(data: object) -> RunState:
     if not isinstance(commands, list) or not all(
             isinstance(c, list) and all(isinstance(w, str) for w in c) for c in commands):
         raise ValueError("ip_commands is not a list of argv lists")
-    return RunState(backend, tuple(tuple(c) for c in commands))
+    owners = data.get("owners", {})
+    if not isinstance(owners, dict) or not all(
+            isinstance(v, list) and all(isinstance(w, str) for w in v) for v in owners.values()):
+        raise ValueError("owners is not an object of string lists")
+    recorded = Owners.of(**{k: ",".join(owners.get(k, [])) for k in ("uids", "gids", "marks", "interfaces")})
+    return RunState(backend, tuple(tuple(c) for c in commands), recorded)
 
 
 def write(run_dir: str, state: RunState) -> None:

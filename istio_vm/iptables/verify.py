@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import canonical_netns, state
 from istio_vm.iptables.backend import PROC_NET, take
-from istio_vm.iptables.found import everything, find
+from istio_vm.iptables.found import Owners, everything, find
 from istio_vm.iptables.names import FAMILIES
 from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
@@ -102,19 +102,21 @@ def saved_in_scratch_netns(runner: Runner, backend: str, plan: Plan) -> dict[int
 
 
 def compare(plan: Plan, *, backend: str | None = None, runner: Runner | None = None,
-            run_dir: str | None = None, proc_net: str = PROC_NET) -> VerifyResult:
+            run_dir: str | None = None, proc_net: str = PROC_NET, owners: Owners | None = None) -> VerifyResult:
     """Compare the host's Istio rules (both families) with the plan; nothing is changed.
 
     backend: as for install (None: the one recorded in run_dir, else detected). Processes: the two
     saves (plus a legacy look when detection needs it) and one scratch-namespace run.
     """
     counting = CountingRunner(runner or SubprocessRunner())
-    recorded = state.read(run_dir).backend if run_dir else None
+    previous = state.read(run_dir) if run_dir else state.RunState()
+    recorded = previous.backend
+    owners = None if owners is None else owners | previous.owners
     snap = take(counting, override=backend, recorded=recorded, optional=set() if plan.v6 else {6},
                 proc_net=proc_net)
     planned = saved_in_scratch_netns(counting, snap.backend, plan)
     verdicts = tuple(
         FamilyVerdict(family, tuple(everything(planned.get(family, "")).view()),
-                      tuple(find(snap.saves.get(family, "")).view()))
+                      tuple(find(snap.saves.get(family, ""), owners).view()))
         for family in FAMILIES)
     return VerifyResult(snap.backend, verdicts, len(counting.calls))

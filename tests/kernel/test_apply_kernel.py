@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from istio_vm.errors import ApplyError
 from istio_vm.iptables import apply
 from istio_vm.iptables.backend import BACKENDS, binary, legacy_tables
 from istio_vm.iptables.rules import Plan
+from istio_vm.iptables.runner import Completed, SubprocessRunner
 from testbed.netns import Netns
 from tests import netns_iptables
 from tests.helpers import ip_commands, text
@@ -180,3 +181,29 @@ def test_three_tproxy_installs_leave_one_ip_rule_and_route(ns: Netns, backend: s
     assert netns_iptables.save(ns, backend, 4) == text(f"golden/tproxy.{backend}.save")
     # save v4, save v6, --test (nat + mangle), one ip -batch, one restore
     assert [r.processes for r in reports] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollback_undoes_only_istios_rules_and_keeps_a_rule_added_meanwhile(ns: Netns, backend: str,
+                                                                            run_dir: str) -> None:
+    """Another program adds a nat OUTPUT rule while the install runs; the IPv6 restore then fails.
+    The rollback puts Istio's IPv4 state back and leaves that rule (a whole-table restore deleted it)."""
+    install(ns, backend, run_dir, "reference")
+    foreign = ["-t", "nat", "-I", "OUTPUT", "1", "-d", "192.0.2.9/32", "-j", "ACCEPT"]
+
+    class Meanwhile(SubprocessRunner):
+        def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float) -> Completed:
+            if argv[0] == binary(backend, 6, "restore"):
+                super().run([binary(backend, 4, "").rstrip("-"), *foreign], timeout=timeout)
+                return Completed(tuple(argv), 1, "", "line 2 failed")
+            return super().run(argv, input=input, timeout=timeout)
+
+    before = netns_iptables.state(ns, backend)
+    with ns.entered(), pytest.raises(ApplyError, match="host left as found") as raised:
+        apply.install_plan(Plan.from_restore(V4_ON_V6_HOST, V6, V6_IP), backend=backend, run_dir=run_dir,
+                           runner=Meanwhile())
+    assert raised.value.host_as_before
+    after = netns_iptables.state(ns, backend)
+    assert "-A OUTPUT -d 192.0.2.9/32 -j ACCEPT" in after["v4"]
+    after["v4"] = after["v4"].replace("-A OUTPUT -d 192.0.2.9/32 -j ACCEPT\n", "")
+    assert after == before

@@ -10,6 +10,7 @@ import pytest
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import apply, state
+from istio_vm.iptables.found import Owners
 from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import Completed
 from tests.fakes import FakeRunner
@@ -55,7 +56,8 @@ def test_reference_vm_on_a_clean_host_takes_three_processes(run_dir: str, proc_n
     assert not report.families[0].removed
     assert not report.families[1].restore_input  # clean IPv6, nothing planned: not run
     recorded = json.loads((Path(run_dir) / state.STATE_FILE).read_text())
-    assert recorded == {"version": 1, "backend": "nft", "ip_commands": []}
+    assert recorded == {"version": 1, "backend": "nft", "ip_commands": [],
+                        "owners": {"gids": [], "interfaces": [], "marks": [], "uids": []}}
 
 
 def test_reinstall_removes_what_is_found_in_the_same_transaction(run_dir: str, proc_net: str) -> None:
@@ -106,10 +108,17 @@ def test_a_failed_test_run_changes_nothing(run_dir: str, proc_net: str) -> None:
 
 
 def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str, proc_net: str) -> None:
-    before4 = text("golden/reference.nft.save")
-    fake = FakeRunner(saves={"iptables-nft-save": before4, "ip6tables-nft-save": EMPTY_NAT})
+    installed4 = text("golden/reference.nft.save")
+    fake = FakeRunner(saves={"iptables-nft-save": EMPTY_NAT, "ip6tables-nft-save": EMPTY_NAT})
+
+    def restore4(argv: tuple[str, ...], _: str | None) -> Completed | None:
+        if argv == RESTORE4:
+            fake.saves["iptables-nft-save"] = installed4  # the IPv4 restore committed
+        return None
+
+    fake.handlers.append(restore4)
     fake.fail(lambda a, i: a == RESTORE6, stderr="ip6tables-restore v1.8.9 (nf_tables): line 3 failed")
-    with pytest.raises(ApplyError) as raised:
+    with pytest.raises(ApplyError, match="host left as found") as raised:
         apply.install_plan(Plan.from_restore(REF, V6, V6_IP), run_dir=run_dir, runner=fake, proc_net=proc_net)
     error = raised.value
     assert error.host_as_before
@@ -117,12 +126,67 @@ def test_ipv6_failure_rolls_back_both_families_and_the_ip_commands(run_dir: str,
     assert "line 3 failed" in str(error)
     assert fake.argvs[:5] == [SAVE4, SAVE6, ("ip", "-force", "-batch", "-"), RESTORE4, RESTORE6]
     rollback = fake.calls[5:]
-    assert [a for a, _ in rollback] == [("iptables-nft-restore", "--wait=30"), ("ip6tables-nft-restore", "--wait=30"),
-                                        ("ip", "-force", "-batch", "-")]
-    assert rollback[0][1] == "\n".join(plan for plan in before4.splitlines() if plan) + "\n"  # the nat section
-    assert rollback[1][1] == EMPTY_NAT
-    assert rollback[2][1] == "addr del ::6/128 dev lo\naddr add ::6/128 dev lo\n"  # undo add, redo the del
+    # each family written is read back: IPv4 changed (undone with --noflush, Istio's rules only),
+    # IPv6's failed restore changed nothing (no restore); then the ip commands are undone
+    assert [a for a, _ in rollback] == [SAVE4, RESTORE4, SAVE6, ("ip", "-force", "-batch", "-")]
+    undo = rollback[1][1]
+    assert undo is not None
+    assert undo.startswith("*nat\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n")
+    assert "-N " not in undo  # nothing of Istio's was there before
+    assert rollback[3][1] == "addr del ::6/128 dev lo\naddr add ::6/128 dev lo\n"  # undo add, redo the del
     assert not (Path(run_dir) / state.STATE_FILE).exists()
+
+
+def test_a_restore_that_changed_nothing_is_not_a_rollback_incomplete(run_dir: str, proc_net: str) -> None:
+    """The xtables lock held by another program: the restore fails whole after --wait; nothing to undo."""
+    fake = FakeRunner()
+    fake.fail(lambda a, i: a == RESTORE4, returncode=4, stderr="Another app is currently holding the xtables lock")
+    with pytest.raises(ApplyError, match="host left as found") as raised:
+        apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert raised.value.host_as_before
+    assert "ROLLBACK INCOMPLETE" not in str(raised.value)
+    assert fake.argvs == [SAVE4, SAVE6, RESTORE4, SAVE4]  # read back, found unchanged, nothing run
+
+
+def test_clean_is_per_family_an_ipv6_failure_keeps_no_ipv4_rule(run_dir: str, proc_net: str) -> None:
+    installed4 = text("golden/reference.nft.save")
+    fake = FakeRunner(saves={"iptables-nft-save": installed4, "ip6tables-nft-save": installed4})
+    fake.fail(lambda a, i: a == RESTORE6, stderr="ip6tables-restore: line 2 failed")
+    with pytest.raises(ApplyError, match=r"clean failed for IPv6: .*line 2 failed \(IPv4 cleaned\)"):
+        apply.clean_host(run_dir=run_dir, runner=fake, proc_net=proc_net)
+    assert fake.argvs == [SAVE4, SAVE6, RESTORE4, RESTORE6]  # no rollback of the IPv4 removal
+    assert state.read(run_dir).backend == "nft"  # kept for a retry
+
+
+def test_clean_removes_19_shaped_rules_only_with_this_configs_values(run_dir: str, proc_net: str) -> None:
+    """A host that never ran Istio: `-i eth1 -j RETURN`, a CONNMARK with another mark, another uid's
+    DNS RETURN are someone else's; the same shapes with this configuration's values are Istio's."""
+    save = ("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A PREROUTING -i eth1 -j RETURN\n"
+            "-A PREROUTING -i kv0 -j RETURN\n"
+            "-A OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 1000 -j RETURN\n"
+            "-A OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 997 -j RETURN\nCOMMIT\n"
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -m mark --mark 0x1 -j CONNMARK --save-mark\n"
+            "-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark\nCOMMIT\n")
+    fake = FakeRunner(saves={"iptables-nft-save": save})
+    owners = Owners.of(uids="997", gids="997", marks="1337", interfaces="kv0")
+    apply.clean_host(run_dir=run_dir, runner=fake, proc_net=proc_net, owners=owners)
+    removed = fake.input_of("iptables-nft-restore", "--test", "--noflush")
+    assert removed is not None
+    assert removed.splitlines() == [
+        "*nat", "-D PREROUTING -i kv0 -j RETURN",
+        "-D OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 997 -j RETURN", "COMMIT",
+        "*mangle", "-D PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark", "COMMIT"]
+
+
+def test_values_recorded_by_the_last_install_count_for_clean(run_dir: str, proc_net: str) -> None:
+    """The configuration changed since the install (another KUBE_VIRT_INTERFACES): the state file's
+    values still make the installed rules Istio's."""
+    apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=FakeRunner(), proc_net=proc_net,
+                       owners=Owners.of(interfaces="kv0"))
+    save = "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -i kv0 -j RETURN\nCOMMIT\n"
+    fake = FakeRunner(saves={"iptables-nft-save": save})
+    apply.clean_host(run_dir=run_dir, runner=fake, proc_net=proc_net, owners=Owners.of(interfaces="kv1"))
+    assert fake.input_of(*RESTORE4) == "*nat\n-D PREROUTING -i kv0 -j RETURN\nCOMMIT\n"
 
 
 def test_failed_ip_add_undoes_only_what_was_applied(run_dir: str, proc_net: str) -> None:
@@ -153,7 +217,7 @@ def test_a_timeout_is_a_failure_with_rollback(run_dir: str, proc_net: str) -> No
     fake.fail(lambda a, i: a == RESTORE4, returncode=124, stderr="timed out after 60s")
     with pytest.raises(ApplyError, match="timed out"):
         apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=proc_net)
-    assert fake.argvs[-1] == ("iptables-nft-restore", "--wait=30")  # the rollback
+    assert fake.argvs[-1] == SAVE4  # the rollback reads back what the killed restore did (here: nothing)
 
 
 def test_legacy_is_used_only_when_rules_exist_only_in_legacy(run_dir: str, tmp_path: Path) -> None:
