@@ -75,3 +75,12 @@ def test_iptables_benchmark_runs_and_counts_processes() -> None:
         if "replay (strace execve)" in scenario["spawns"]:
             assert scenario["spawns"]["replay (strace execve)"] == 38
             assert scenario["spawns"]["ours-cli (strace execve)"] == 3
+
+
+def test_chaos_soak_runs_a_round_and_reports_its_invariants() -> None:
+    result = run_json(["-m", "benchmarks.chaos_soak", "--minutes", "0.01", "--round-seconds", "1.5", "--json"],
+                      timeout=120)
+    assert result["rounds"] >= 1
+    assert result["broken_rounds"] == []
+    assert set(result["exit_statuses"]) <= {0, 1}
+    assert result["max_epochs"] <= 1
