@@ -215,7 +215,9 @@ def restart_overhead(restarts: int, backoff: float, workdir: Path) -> dict[str, 
                  what=f"{restarts + 1} epochs")
         svc.signal(signal.SIGTERM)
         status, _, err = svc.wait_exit()
-        if status != 0:
+        # 1: the SIGTERM found an epoch not yet reaped, which then exited 1 as this child always does
+        # (a stop that was not clean); 0: it came during the backoff. Either way the stamps are complete.
+        if status not in (0, 1):
             raise RuntimeError(f"istio-vm start exited {status}:\n{err[-3000:]}")
         notes.messages()
         ours = overheads_ms(read_stamps(record)[: restarts + 1], backoff)
