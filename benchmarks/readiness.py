@@ -253,7 +253,7 @@ def run(runs: int) -> dict[str, Any]:
 
     med = {k: statistics.median(v) * 1000 for k, v in ours.items()}
     base = {k: statistics.median(v) * 1000 for k, v in alone.items()}
-    envoy_rows = {
+    envoy_rows: dict[str, dict[str, Any]] = {
         "start": {"ours": stats(ours["start"]), "envoy_alone": stats(alone["start"]),
                   "added_ms": round(med["start"] - base["start"], 3)},
         "hot_restart": {"ours": stats(ours["hot_restart"]), "envoy_alone": stats(alone["hot_restart"]),
