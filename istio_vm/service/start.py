@@ -14,21 +14,11 @@ import resource
 import signal
 from collections.abc import Callable, Iterator
 
-from istio_vm import __version__, logs
+from istio_vm import __version__
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
-from istio_vm.service import privileges
-from istio_vm.service.loop import SIGNALS, Loop
-from istio_vm.service.machine import Policy, Supervisor
-from istio_vm.service.notify import Notifier, watchdog_interval
-from istio_vm.service.processes import RealProcessOps, become_subreaper
-from istio_vm.service.proxy_admin import admin_for
-from istio_vm.service.proxy_command import proxy_command
-from istio_vm.service.proxy_output import ProxyOutput
-from istio_vm.service.signals import captured
 
 log = logging.getLogger(__name__)
-HANDLED = (*SIGNALS, signal.SIGCHLD)  # SIGCHLD wakes the loop's select
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
 
 
@@ -89,7 +79,22 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
 
 
 def supervise(config: Config) -> int:
-    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service."""
+    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
+
+    The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
+    reload` do not pay for them (psutil, http.client, systemd).
+    """
+    from istio_vm import logs
+    from istio_vm.service import privileges
+    from istio_vm.service.loop import SIGNALS, Loop
+    from istio_vm.service.machine import Policy, Supervisor
+    from istio_vm.service.notify import Notifier, watchdog_interval
+    from istio_vm.service.processes import RealProcessOps, become_subreaper
+    from istio_vm.service.proxy_admin import admin_for
+    from istio_vm.service.proxy_command import proxy_command
+    from istio_vm.service.proxy_output import ProxyOutput
+    from istio_vm.service.signals import captured
+
     identity = privileges.resolve(config.agent.exec_user)
     become_subreaper()
     raise_nofile()
@@ -99,7 +104,7 @@ def supervise(config: Config) -> int:
                          log_dir=config.agent.log_dir)
     supervisor = Supervisor(Policy.of(config.supervision, hot_restart=command.hot_restart))
     try:
-        with captured(HANDLED) as queue:
+        with captured((*SIGNALS, signal.SIGCHLD)) as queue:  # SIGCHLD wakes the loop's select
             loop = Loop(supervisor, command, RealProcessOps(), Notifier(), output, admin_for(command),
                         watchdog_interval=watchdog_interval(os.environ, os.getpid()))
             return loop.run(queue)
