@@ -1,7 +1,6 @@
 """The `istio-vm` command line: parse, build the config, call one function, map errors to a status.
 
-The commands read argv, write to stdout and choose their exit status here and nowhere else (verify's
-child process, iptables/canonical_netns.py, has its own small main).
+The commands read argv, write to stdout and choose their exit status here and nowhere else.
 """
 
 from __future__ import annotations
