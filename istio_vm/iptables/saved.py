@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from istio_vm.iptables.names import BUILTIN_CHAINS
 
@@ -26,16 +26,35 @@ class TextError(ValueError):
     """A restore or save text that cannot be read; the message names the line."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SavedRule:
-    """One `-A CHAIN spec` line of a save dump."""
+    """One `-A CHAIN spec` line of a save dump, and its normalised form.
+
+    The normalised form (options, target, target_args) is worked out when first asked for: most rules
+    of a large dump sit in ISTIO_* chains, which clean and verify handle by their text alone.
+    """
 
     table: str
     chain: str
     spec: str  # everything after "-A CHAIN ", exactly as saved
-    options: frozenset[tuple[bool, str, str]]  # (negated, option, value): "-p tcp" -> (False, "-p", "tcp")
-    target: str  # the -j/-g target, "" when none
-    target_args: tuple[str, ...]
+
+    @cached_property
+    def _shape(self) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
+        return _normalise(self.spec)
+
+    @property
+    def options(self) -> frozenset[tuple[bool, str, str]]:
+        """(negated, option, value): "-p tcp" -> (False, "-p", "tcp")."""
+        return self._shape[0]
+
+    @property
+    def target(self) -> str:
+        """The -j/-g target, "" when none."""
+        return self._shape[1]
+
+    @property
+    def target_args(self) -> tuple[str, ...]:
+        return self._shape[2]
 
     @property
     def line(self) -> str:
@@ -54,7 +73,12 @@ class SavedTable:
 
 
 def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
-    """Normalise a rule spec: option order, long names and implicit `-m tcp`/`-m udp` do not matter."""
+    """A rule of a save dump; its normalised form ignores option order, long names and implicit
+    `-m tcp`/`-m udp`."""
+    return SavedRule(table, chain, spec)
+
+
+def _normalise(spec: str) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
     tokens = _words(spec)
     options: set[tuple[bool, str, str]] = set()
     target = ""
@@ -77,7 +101,7 @@ def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
     for proto in ("tcp", "udp"):  # `-p tcp --dport` implies `-m tcp`; iptables prints it, 1.9 did not
         if (False, "-p", proto) in options:
             options.discard((False, "-m", proto))
-    return SavedRule(table, chain, spec, frozenset(options), target, target_args)
+    return frozenset(options), target, target_args
 
 
 def _words(spec: str) -> list[str]:
