@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import psutil
-
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -78,6 +76,8 @@ class RealProcessOps:
 
     def kill_tree(self, pid: int, keep: Iterable[int]) -> None:
         """SIGKILL the process group `pid` and every descendant of ours outside the groups in `keep`."""
+        import psutil  # here: only after an exit, never between the start and the first spawn
+
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         kept = set(keep)

@@ -72,3 +72,11 @@ def test_istio_start_init_and_the_iptables_commands_load_no_supervisor() -> None
     modules = loaded("pass", "import istio_vm.cli, istio_vm.service.start, istio_vm.iptables.commands")
     assert not modules & SUPERVISOR
     assert not modules & DOTENV_LOADING_API
+
+
+def test_the_supervisor_stack_defers_what_only_runs_after_the_spawn() -> None:
+    # http.client (with ssl and email) serves the first probe and psutil the first exit: imported then, so
+    # that their cost overlaps the proxy's start rather than delaying its spawn.
+    modules = loaded("pass", "import istio_vm.service.start, istio_vm.service.loop")
+    assert "istio_vm.service.proxy_admin" in modules
+    assert not modules & {"http.client", "ssl", "email.parser", "psutil"}
