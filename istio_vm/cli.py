@@ -1,31 +1,36 @@
 """The `istio-vm` command line: parse, build the config, call one function, map errors to a status.
 
-The commands read argv, write to stdout and choose their exit status here and nowhere else (verify's
-child process, iptables/canonical_netns.py, has its own small main).
+The commands read argv, write to stdout and choose their exit status here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
-from istio_vm import __version__, logs
-from istio_vm.config.sources import DEFAULT_RESOLV_CONF, Sources
-from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
-from istio_vm.iptables.explain import FORMATS
+from istio_vm import __version__
+from istio_vm.defaults import DEFAULT_RESOLV_CONF, FORMATS
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms); mypy knows the name
 if TYPE_CHECKING:
+    import logging
+
     from istio_vm.config.model import Config
+    from istio_vm.config.sources import Sources
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
-# Commands import what they use when they run: `iptables install` must not pay for Envoy's admin
-# client or the supervisor (start-up time is part of every install; see docs/benchmarks.md).
-log = logging.getLogger("istio_vm")
+# Commands import what they use when they run: `--help` loads argparse and nothing else, `iptables
+# install` does not pay for Envoy's admin client or the supervisor (start-up time is part of every
+# command; tests/unit/test_imports.py keeps these sets, docs/benchmarks.md measures them).
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("istio_vm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,8 @@ def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
 
 def sources(args: argparse.Namespace) -> Sources:
     """Where the configuration is read from: the global flags, and --resolv-conf where a command has it."""
+    from istio_vm.config.sources import Sources
+
     return Sources(sidecar_env=args.sidecar_env, cluster_env=args.cluster_env,
                    resolv_conf=getattr(args, "resolv_conf", DEFAULT_RESOLV_CONF))
 
@@ -108,18 +115,20 @@ def load_config(args: argparse.Namespace, overrides: Mapping[str, tuple[str, str
                 log_to_config_target: bool = False) -> Config:
     """The Config of the env files (plus `overrides`), its warnings logged (after choosing the log
     target ISTIO_LOG_TARGET names, for `start`)."""
+    from istio_vm import logs
     from istio_vm.config.load import load
 
     config = load(sources(args), os.environ, overrides=overrides)
     if log_to_config_target:
         logs.configure(logs.choose_target(config.supervision.log_target))
     for warning in config.warnings:
-        log.warning("%s", warning)
+        _log().warning("%s", warning)
     return config
 
 
 def cmd_config(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.config import render
+    from istio_vm.errors import ExitStatus
 
     config = load_config(args)
     text = render.render_json(config) if args.json else render.render_text(config, show_source=args.show_source)
@@ -128,6 +137,7 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import explain
     from istio_vm.iptables.plan import build_plan
 
@@ -137,6 +147,7 @@ def cmd_iptables_plan(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import explain
     from istio_vm.iptables.plan import build_plan
 
@@ -146,6 +157,7 @@ def cmd_iptables_explain(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_install(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
     commands.install(load_config(args))
@@ -153,6 +165,7 @@ def cmd_iptables_install(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
     commands.clean(clean_settings(args))
@@ -167,6 +180,7 @@ def clean_settings(args: argparse.Namespace) -> commands.CleanSettings:
 
 
 def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
     result = commands.verify(load_config(args))
@@ -174,9 +188,9 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
         sys.stdout.write(result.to_json() + "\n")
     elif result.drift:
         sys.stdout.write(result.diff())
-        log.warning("the iptables rules drifted from the configuration (- planned, + live)")
+        _log().warning("the iptables rules drifted from the configuration (- planned, + live)")
     else:
-        log.info("the iptables rules match the configuration (backend %s)", result.backend)
+        _log().info("the iptables rules match the configuration (backend %s)", result.backend)
     return ExitStatus.FAILURE if result.drift else ExitStatus.OK
 
 
@@ -190,6 +204,7 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from istio_vm.config.start_args import parse_start_args
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
     from istio_vm.service import start
 
@@ -202,6 +217,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
+    import signal
+
+    from istio_vm.errors import ExitStatus, IstioVmError
     from istio_vm.service import start
 
     config = load_config(args)
@@ -209,7 +227,7 @@ def cmd_reload(args: argparse.Namespace) -> ExitStatus:
     if pid is None:
         raise IstioVmError(f"no istio-vm start is running (no lock held in {config.supervision.run_dir})")
     os.kill(pid, signal.SIGHUP)
-    log.info("Sent SIGHUP to istio-vm start (pid %s)", pid)
+    _log().info("Sent SIGHUP to istio-vm start (pid %s)", pid)
     return ExitStatus.OK
 
 
@@ -242,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, start_args = _split_start(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.start_args = start_args or []
+    from istio_vm import logs
+    from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
+
     logs.configure(logs.choose_target(None))  # structured journal entries under systemd (e.g. ExecStopPost)
     try:
         return COMMANDS[args.command](args)

@@ -75,6 +75,7 @@ class Sim:
         self.clock = FakeClock()
         self.events: list[Event] = []
         self.notifications: list[str] = []
+        self.notified_at: list[float] = []  # the simulated time of each notification, after the start
         self.children: dict[int, FakeChild] = {}
         self.removed: list[str] = []
         self.killed: list[tuple[int, tuple[int, ...]]] = []
@@ -82,6 +83,7 @@ class Sim:
         self.connections: list[int | None] = [0]  # answers of active_connections, the last one repeats
         self.drains = 0
         self.ready_calls: list[int] = []
+        self.ready_calls_at: list[float] = []  # when each readiness probe ran, after the start
         self.spawn_error: OSError | None = None
         self.on_signal: Callable[[FakeChild, int], None] = lambda child, signum: None
         self.late_output: dict[int, bytes] = {}  # pid -> what it writes between the loop's select and reap
@@ -90,7 +92,7 @@ class Sim:
         self._pids = itertools.count(1000)
         self._exits: list[int] = []
         self.queue = SignalQueue()
-        policy = policy or Policy(hot_restart=command.hot_restart, backoff_initial=1.0, probe_interval=0.5)
+        policy = policy or Policy(hot_restart=command.hot_restart, backoff_initial=1.0)
         self.supervisor = Supervisor(policy, clock=self.clock)
         self.output = ProxyOutput(output_target, name=command.name, log_dir=log_dir,
                                   journal_sender=lambda **fields: self.events.append(
@@ -159,6 +161,7 @@ class Sim:
     # ---- the fakes' side ------------------------------------------------------------------------
     def _notify(self, message: str) -> bool:
         self.notifications.append(message)
+        self.notified_at.append(self.clock.elapsed)
         return True
 
     def _due(self, until: float | None) -> tuple[float, Callable[[], None]] | None:
@@ -269,6 +272,7 @@ class _Admin:
 
     def ready(self, restart_epoch: int) -> bool:
         self.sim.ready_calls.append(restart_epoch)
+        self.sim.ready_calls_at.append(self.sim.clock.elapsed)
         return self.sim.clock.elapsed >= self.sim.ready_after
 
     def drain(self) -> None:

@@ -10,15 +10,58 @@ double-quoted value ending in an escaped backslash (`"a\\"`) on into the next li
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
 import re
+import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-
-from dotenv.parser import Binding, parse_stream
-from dotenv.variables import Literal, Variable, parse_variables
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from istio_vm.errors import Problem
+
+
+def dotenv_module(name: str) -> ModuleType:
+    """python-dotenv's `dotenv.NAME`, without running the package's __init__.py when it can.
+
+    That __init__ imports dotenv.main (the .env loading API, and with it pathlib, tempfile, shutil
+    and urllib.parse: ~10 ms of every command) for nothing istio-vm uses. The lexer's modules,
+    parser.py and variables.py, import only the standard library, so they are loaded from their files
+    under their own names, as the import system would (a later `import dotenv` shares them). Where
+    that is not possible (no such file, e.g. a zipped install) the ordinary import runs: slower, the
+    same code. tests/unit/test_imports.py checks that the fast way is taken.
+    """
+    full = f"dotenv.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    package = importlib.util.find_spec("dotenv")  # locates the package without importing it
+    locations = package.submodule_search_locations if package is not None else None
+    spec = importlib.util.spec_from_file_location(full, f"{locations[0]}/{name}.py") if locations else None
+    if spec is None or spec.loader is None:
+        return importlib.import_module(full)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    try:
+        spec.loader.exec_module(module)
+    except OSError:  # not a file after all
+        del sys.modules[full]
+        return importlib.import_module(full)
+    except BaseException:
+        del sys.modules[full]
+        raise
+    return module
+
+
+if TYPE_CHECKING:
+    from dotenv.parser import Binding, parse_stream
+    from dotenv.variables import Literal, Variable, parse_variables
+else:
+    parse_stream = dotenv_module("parser").parse_stream
+    _lexer_variables = dotenv_module("variables")
+    Literal, Variable, parse_variables = (_lexer_variables.Literal, _lexer_variables.Variable,
+                                          _lexer_variables.parse_variables)
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # One binding as bash reads it: words end at a space or tab (not at other Unicode whitespace).

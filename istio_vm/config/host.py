@@ -8,7 +8,7 @@ builder applies hostname(1)'s and Go's rules to it here. Tests pass their own `H
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -32,7 +32,8 @@ class User:
 class Host:
     """What the config builder may know about the machine."""
 
-    addresses: tuple[Address, ...] = ()  # in getifaddrs(3) order: every IPv4 address, then every IPv6
+    # In getifaddrs(3) order: every IPv4 address, then every IPv6 (load.py's reads them on first use).
+    addresses: Sequence[Address] = ()
     hostname: str = "localhost"
     euid: int = 0
     users: Mapping[str, User] = field(default_factory=dict)  # the accounts the env files name, by name

@@ -7,11 +7,11 @@ host name, the euid and the accounts the env files name. Everything it read goes
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
-import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
+from typing import overload
 
 from istio_vm.config.host import Address, Host, User
 from istio_vm.config.model import Config, ResolvConf
@@ -43,8 +43,33 @@ def read_resolv_conf(path: str) -> ResolvConf:
 def read_host(users: Iterable[str] = ()) -> Host:
     """The real machine (or the network namespace this process runs in), with the accounts `users`."""
     found = {name: user for name in users if (user := lookup_user(name)) is not None}
-    return Host(addresses=tuple(interface_addresses()), hostname=socket.gethostname(), euid=os.geteuid(),
-                users=found)
+    # gethostname(2) is uname(2)'s nodename on Linux: no socket module needed.
+    return Host(addresses=InterfaceAddresses(), hostname=os.uname().nodename, euid=os.geteuid(), users=found)
+
+
+class InterfaceAddresses(Sequence[Address]):
+    """The machine's addresses, read (getifaddrs(3), through ctypes) only when a setting is derived from
+    them: a configuration that sets ISTIO_SVC_IP and ENABLE_INBOUND_IPV6 never loads ctypes."""
+
+    @cached_property
+    def _read(self) -> tuple[Address, ...]:
+        return tuple(interface_addresses())
+
+    @overload
+    def __getitem__(self, index: int) -> Address: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Address]: ...
+    def __getitem__(self, index: int | slice) -> Address | Sequence[Address]:
+        return self._read[index]
+
+    def __len__(self) -> int:
+        return len(self._read)
+
+    def __iter__(self) -> Iterator[Address]:
+        return iter(self._read)
+
+    def __repr__(self) -> str:
+        return repr(self._read)
 
 
 def lookup_user(name: str) -> User | None:
@@ -58,22 +83,22 @@ def lookup_user(name: str) -> User | None:
 IFF_UP, IFF_LOOPBACK = 0x1, 0x8
 
 
-class _Ifaddrs(ctypes.Structure):
-    pass
-
-
-_Ifaddrs._fields_ = [  # struct ifaddrs, getifaddrs(3)
-    ("ifa_next", ctypes.POINTER(_Ifaddrs)), ("ifa_name", ctypes.c_char_p), ("ifa_flags", ctypes.c_uint),
-    ("ifa_addr", ctypes.c_void_p), ("ifa_netmask", ctypes.c_void_p), ("ifa_ifu", ctypes.c_void_p),
-    ("ifa_data", ctypes.c_void_p),
-]
-
-
 def interface_addresses() -> list[Address]:
     """Every IPv4 and IPv6 address in getifaddrs(3) order, which is what hostname(1) and Go's
     InterfaceAddrs walk: netlink dumps all IPv4 addresses, then all IPv6 ones."""
+    import ctypes  # here, not at the top: most configurations never need the interfaces
+    import socket
+
+    class Ifaddrs(ctypes.Structure):  # struct ifaddrs, getifaddrs(3)
+        pass
+
+    Ifaddrs._fields_ = [
+        ("ifa_next", ctypes.POINTER(Ifaddrs)), ("ifa_name", ctypes.c_char_p), ("ifa_flags", ctypes.c_uint),
+        ("ifa_addr", ctypes.c_void_p), ("ifa_netmask", ctypes.c_void_p), ("ifa_ifu", ctypes.c_void_p),
+        ("ifa_data", ctypes.c_void_p),
+    ]
     libc = ctypes.CDLL(None, use_errno=True)
-    head = ctypes.POINTER(_Ifaddrs)()
+    head = ctypes.POINTER(Ifaddrs)()
     if libc.getifaddrs(ctypes.byref(head)) != 0:
         raise OSError(ctypes.get_errno(), "getifaddrs")
     found = []

@@ -6,7 +6,6 @@ its rules, line for line, so operators can diff a 1.9 log against `istio-vm conf
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 
@@ -82,6 +81,8 @@ def render_text(config: Config, *, show_source: bool = False) -> str:
 
 
 def render_json(config: Config) -> str:
+    import json  # only `config --json` needs it (install logs render's text dumps on every start)
+
     data = {item.name: {"value": item.value, "source": item.source} for item in config.values.values()}
     return json.dumps(data, indent=2) + "\n"
 

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 
 from istio_vm.config.envfile import evaluate
 from istio_vm.config.model import Shell
+from istio_vm.defaults import DEFAULT_CLUSTER_ENV, DEFAULT_RESOLV_CONF, DEFAULT_SIDECAR_ENV
 from istio_vm.errors import Problem
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIDECAR_ENV = "/var/lib/istio/envoy/sidecar.env"
-DEFAULT_CLUSTER_ENV = "/var/lib/istio/envoy/cluster.env"
-DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 
 
 @dataclass(frozen=True, slots=True)

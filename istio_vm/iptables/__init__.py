@@ -20,6 +20,6 @@ Edge side (runs iptables and ip, reads /proc, writes the run dir):
     state          the state file of the last install, and the iptables lock
     apply          install_plan() and clean_host(), with rollback to the snapshot
     verify         compare(): live rules against the plan, in canonical form
-    canonical_netns  the child of verify that loads the plan into an empty network namespace
+    canonical_netns  verify's scratch network namespace: the plan restored and saved there by a shell
     commands       install, clean and verify as istio-start.sh ran them (custom, dry run, logs)
 """

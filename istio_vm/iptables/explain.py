@@ -8,7 +8,7 @@ Pure and deterministic: the same plan and config always give the same text.
 from __future__ import annotations
 
 from istio_vm.config.model import DNS_SERVERS, Config
-from istio_vm.iptables.dot import to_dot
+from istio_vm.defaults import FORMATS
 from istio_vm.iptables.names import (
     AGENT_DNS_PORT,
     BUILTIN_CHAINS,
@@ -22,8 +22,6 @@ from istio_vm.iptables.names import (
     NAT,
 )
 from istio_vm.iptables.rules import ALWAYS, Plan, Rule, ordered_tables
-
-FORMATS = ("restore", "commands", "json", "dot")  # what `istio-vm iptables plan --format` prints
 
 FAMILY_TITLE = {4: "IPv4 rules (iptables-restore)", 6: "IPv6 rules (ip6tables-restore)"}
 
@@ -74,6 +72,8 @@ def render(plan: Plan, fmt: str) -> str:
     if fmt == "json":
         return plan.to_json()
     if fmt == "dot":
+        from istio_vm.iptables.dot import to_dot  # only this format needs it
+
         return to_dot(plan)
     raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 

@@ -176,8 +176,9 @@ def has_rules(save_text: str) -> bool:
 def everything(save_text: str) -> Found:
     """All rules and user chains of nat and mangle, as if Istio owned them (for a dump of a plan alone)."""
     tables = []
+    saved = parse_save(save_text)
     for name in TABLES:
-        table = parse_save(save_text).get(name)
+        table = saved.get(name)
         if table is None:
             continue
         chains = tuple(c for c, _ in table.chains if c not in BUILTIN_CHAINS)

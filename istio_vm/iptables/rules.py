@@ -7,7 +7,6 @@ as 1.9's command lines or as JSON. Pure: nothing here touches the host.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -141,6 +140,8 @@ class Plan:
         return [" ".join(argv) for argv in (*self.argv(4), *self.argv(6), *ip_argvs)]
 
     def to_json(self) -> str:
+        import json  # only `plan --format json` needs it
+
         data = {
             "rules": [{"family": r.family, "table": r.table, "chain": r.chain, "argv": list(r.params),
                        "setting": r.setting} for r in (*self.v4, *self.v6)],

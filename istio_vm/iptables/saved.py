@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 from istio_vm.iptables.names import BUILTIN_CHAINS
 
@@ -25,16 +26,35 @@ class TextError(ValueError):
     """A restore or save text that cannot be read; the message names the line."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SavedRule:
-    """One `-A CHAIN spec` line of a save dump."""
+    """One `-A CHAIN spec` line of a save dump, and its normalised form.
+
+    The normalised form (options, target, target_args) is worked out when first asked for: most rules
+    of a large dump sit in ISTIO_* chains, which clean and verify handle by their text alone.
+    """
 
     table: str
     chain: str
     spec: str  # everything after "-A CHAIN ", exactly as saved
-    options: frozenset[tuple[bool, str, str]]  # (negated, option, value): "-p tcp" -> (False, "-p", "tcp")
-    target: str  # the -j/-g target, "" when none
-    target_args: tuple[str, ...]
+
+    @cached_property
+    def _shape(self) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
+        return _normalise(self.spec)
+
+    @property
+    def options(self) -> frozenset[tuple[bool, str, str]]:
+        """(negated, option, value): "-p tcp" -> (False, "-p", "tcp")."""
+        return self._shape[0]
+
+    @property
+    def target(self) -> str:
+        """The -j/-g target, "" when none."""
+        return self._shape[1]
+
+    @property
+    def target_args(self) -> tuple[str, ...]:
+        return self._shape[2]
 
     @property
     def line(self) -> str:
@@ -53,11 +73,13 @@ class SavedTable:
 
 
 def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
-    """Normalise a rule spec: option order, long names and implicit `-m tcp`/`-m udp` do not matter."""
-    try:
-        tokens = shlex.split(spec)
-    except ValueError:  # unbalanced quotes in a comment: fall back to words (shapes will not match)
-        tokens = spec.split()
+    """A rule of a save dump; its normalised form ignores option order, long names and implicit
+    `-m tcp`/`-m udp`."""
+    return SavedRule(table, chain, spec)
+
+
+def _normalise(spec: str) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
+    tokens = _words(spec)
     options: set[tuple[bool, str, str]] = set()
     target = ""
     target_args: tuple[str, ...] = ()
@@ -79,7 +101,22 @@ def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
     for proto in ("tcp", "udp"):  # `-p tcp --dport` implies `-m tcp`; iptables prints it, 1.9 did not
         if (False, "-p", proto) in options:
             options.discard((False, "-m", proto))
-    return SavedRule(table, chain, spec, frozenset(options), target, target_args)
+    return frozenset(options), target, target_args
+
+
+def _words(spec: str) -> list[str]:
+    """The spec's words as the shell would split them (iptables-save quotes comments and such).
+
+    Nearly every saved rule needs no quoting: printable ASCII without quotes or backslashes, where
+    shlex.split is exactly str.split (spaces are the only whitespace, nothing is special), at a
+    fraction of the cost; anything else goes through shlex.
+    """
+    if spec.isascii() and spec.isprintable() and '"' not in spec and "'" not in spec and "\\" not in spec:
+        return spec.split()
+    try:
+        return shlex.split(spec)
+    except ValueError:  # unbalanced quotes in a comment: fall back to words (shapes will not match)
+        return spec.split()
 
 
 def _is_option(token: str) -> bool:
@@ -120,7 +157,16 @@ def table_sections(text: str) -> list[tuple[str, list[tuple[int, str]]]]:
 
 
 def parse_save(text: str) -> dict[str, SavedTable]:
-    """Tables of an iptables-save dump, in saved order (comments and counters ignored)."""
+    """Tables of an iptables-save dump, in saved order (comments and counters ignored).
+
+    A dump is parsed once however many readers it has (backend detection, the found state, verify):
+    the tables of the last few texts are kept (they are immutable; the dict is a fresh copy).
+    """
+    return dict(_parsed(text))
+
+
+@lru_cache(maxsize=8)
+def _parsed(text: str) -> tuple[tuple[str, SavedTable], ...]:
     tables: dict[str, SavedTable] = {}
     for name, lines in table_sections(text):
         chains: list[tuple[str, str]] = []
@@ -135,7 +181,7 @@ def parse_save(text: str) -> dict[str, SavedTable]:
             else:
                 raise TextError(f"line {number}: unexpected {line!r} in a save dump")
         tables[name] = SavedTable(name, tuple(chains), tuple(rules))
-    return tables
+    return tuple(tables.items())
 
 
 def table_text(text: str, table: str) -> str | None:

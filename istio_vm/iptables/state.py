@@ -12,7 +12,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +85,8 @@ def write(run_dir: str, state: RunState) -> None:
     """
     trust.check_root_dir(run_dir)
     path = os.path.join(run_dir, STATE_FILE)
+    import tempfile  # here: only an install writes the state; plan, verify and clean need not load it
+
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=run_dir)
     try:
         with open(fd, "w", encoding="utf-8") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import difflib
 import json
-import sys
 from dataclasses import dataclass
 
 from istio_vm.errors import ApplyError
@@ -21,8 +20,6 @@ from istio_vm.iptables.found import Owners, everything, find
 from istio_vm.iptables.names import FAMILIES
 from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
-
-SCRATCH_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +87,11 @@ def saved_in_scratch_netns(runner: Runner, backend: str, plan: Plan) -> dict[int
     texts = {family: plan.restore(family) for family in FAMILIES}  # rendered here: this is where they are written
     if not any(texts.values()):
         return dict.fromkeys(texts, "")
-    payload = json.dumps({str(family): text for family, text in texts.items()})
-    # -I: `python -m` would put the working directory first on sys.path, and this child runs as root
-    # (a `cd /tmp; istio-vm iptables verify` would import whatever istio_vm another user left there).
-    done = runner.run(["unshare", "--net", "--", sys.executable, "-I", "-m", canonical_netns.__name__, backend],
-                      input=payload, timeout=SCRATCH_TIMEOUT)
+    done, saves = canonical_netns.restore_and_save(runner, backend, texts)
     if not done.ok:
         raise ApplyError(f"cannot load the planned rules into a scratch namespace: {done.describe()}",
                          stderr=done.stderr)
-    return {int(family): text for family, text in json.loads(done.stdout).items()}
+    return saves
 
 
 def compare(plan: Plan, *, backend: str | None = None, runner: Runner | None = None,

@@ -57,7 +57,14 @@ class Policy:
     restart_window: float = 300.0
     termination_drain: float = 5.0
     stop_timeout: float = 10.0
-    probe_interval: float = 0.5  # readiness probes while an epoch starts
+    # Readiness while an epoch starts: the first probe soon after the spawn, the delays doubling up to
+    # probe_max (Envoy is LIVE ~90 ms after its spawn; READY=1 then follows within probe_max); an epoch
+    # still starting after probe_patient_after waits on something else (istiod) and is probed every
+    # probe_interval. Once ready, nothing is probed.
+    probe_first: float = 0.01
+    probe_max: float = 0.04
+    probe_patient_after: float = 30.0
+    probe_interval: float = 0.5
     poll_interval: float = 0.25  # active-connection polls while draining
 
     @classmethod
@@ -156,6 +163,7 @@ class Supervisor:
     _budget: _RestartBudget = field(init=False, default_factory=_RestartBudget)
     _deadline: float | None = field(init=False, default=None)  # of the state: backoff, drain or stop end
     _next_probe: float | None = field(init=False, default=None)
+    _probe_delay: float = field(init=False, default=0.0)  # the last delay between two readiness probes
     _forced: bool = field(init=False, default=False)  # the tree had to be killed
     _killed: set[int] = field(init=False, default_factory=set)  # epochs' pids we SIGKILLed ourselves
 
@@ -295,7 +303,7 @@ class Supervisor:
                 self._next_probe = now + self.policy.poll_interval
                 actions.append(CountConnections())
             elif self.current is not None and not self.current.ready:
-                self._next_probe = now + self.policy.probe_interval
+                self._next_probe = now + self._next_probe_delay(now - self.current.started)
                 actions.append(ProbeReady(self.current.number, self.current.restart_epoch))
         return actions
 
@@ -321,8 +329,16 @@ class Supervisor:
         self.current = record
         if self.state is not State.RELOADING:
             self._enter(State.STARTING)
-        self._next_probe = now + self.policy.probe_interval
+        self._probe_delay = self.policy.probe_first
+        self._next_probe = now + self._probe_delay
         return [Spawn(record.number, restart_epoch)]
+
+    def _next_probe_delay(self, starting_for: float) -> float:
+        """Doubling from probe_first to probe_max, then probe_interval once the start takes long."""
+        if starting_for >= self.policy.probe_patient_after:
+            return self.policy.probe_interval
+        self._probe_delay = min(self._probe_delay * 2.0, self.policy.probe_max)
+        return self._probe_delay
 
     def _epoch_by_number(self, number: int) -> Epoch:
         if self.current is not None and self.current.number == number:

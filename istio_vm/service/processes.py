@@ -19,8 +19,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import psutil
-
 from istio_vm import trust
 from istio_vm.errors import UntrustedPathError
 
@@ -82,6 +80,8 @@ class RealProcessOps:
         """RUN_DIR/children := the epochs' groups still alive, with their start times (pid reuse)."""
         if self._children is None:
             return
+        import psutil  # here, not at the top: the start imports nothing it needs only after the first spawn
+
         with contextlib.suppress(psutil.Error):
             self._recorded[pid] = (psutil.Process(pid).create_time(), os.getuid())
         for old in [p for p, (started, _) in self._recorded.items() if not _alive(p, started)]:
@@ -101,6 +101,8 @@ class RealProcessOps:
         """SIGKILL the process group `pid` and every descendant of ours outside the groups in `keep`,
         pass after pass until one finds nothing alive left to kill: what forked while a pass listed
         the tree is seen by the next (a process cannot fork once SIGKILL is pending for it)."""
+        import psutil  # here: only after an exit, never between the start and the first spawn
+
         kept = set(keep)
         killed: set[int] = set()
         for _ in range(KILL_PASSES):
@@ -159,6 +161,8 @@ def remove_foreign(path: str, owner: int) -> None:
 
 def _alive(pid: int, started: float) -> bool:
     """`pid` is still the process that started at `started` (not a reused pid), and not a zombie."""
+    import psutil
+
     try:
         process = psutil.Process(pid)
         return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
@@ -195,6 +199,8 @@ def kill_leftovers(run_dir: str) -> int:
     groups.pop(1, None)
     if not groups:
         return 0
+    import psutil  # only when a killed predecessor recorded groups
+
     killed = 0
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error, ProcessLookupError):
@@ -217,6 +223,8 @@ def kill_leftovers(run_dir: str) -> int:
 
 def _leader(group: int) -> float | None:
     """The start time of process `group` (zombie or not), None if there is no such process."""
+    import psutil
+
     try:
         return psutil.Process(group).create_time()
     except psutil.Error:

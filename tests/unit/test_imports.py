@@ -1,0 +1,82 @@
+"""What each command imports, in a fresh interpreter: start-up time is part of every command.
+
+`--help` loads argparse and nothing else of weight; `iptables plan` the config and iptables wings but no
+supervisor, process or network module (and python-dotenv's lexer without the package's loading API);
+`istio-start init` and the iptables commands none of the supervisor stack. docs/benchmarks.md measures
+what these sets cost (`python -m benchmarks.cli_startup`).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import EXAMPLES, ROOT
+
+PROBE = """
+import contextlib, io, sys
+{setup}
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    {code}
+print(sorted(sys.modules))
+"""
+SUPERVISOR = {"istio_vm.service.loop", "istio_vm.service.machine", "istio_vm.service.processes",
+              "istio_vm.service.proxy_admin", "istio_vm.service.notify", "psutil", "http.client", "systemd"}
+DOTENV_LOADING_API = {"dotenv", "dotenv.main", "pathlib", "tempfile", "urllib.parse"}
+
+
+def loaded(code: str, setup: str = "", env: dict[str, str] | None = None) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup, code=code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return set(ast.literal_eval(done.stdout))
+
+
+def env_files(tmp_path: Path, extra: str = "") -> list[str]:
+    sidecar, cluster = tmp_path / "sidecar.env", tmp_path / "cluster.env"
+    sidecar.write_text("")
+    cluster.write_text((EXAMPLES / "cluster.env").read_text() + extra)
+    for path in (tmp_path, sidecar, cluster):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return ["--sidecar-env", str(sidecar), "--cluster-env", str(cluster)]
+
+
+def test_help_loads_argparse_and_the_parser_only() -> None:
+    modules = loaded("main(['--help'])", "from istio_vm.cli import main")
+    assert {m for m in modules if m.startswith("istio_vm")} == {"istio_vm", "istio_vm.cli", "istio_vm.defaults"}
+    assert not modules & {"logging", "dataclasses", "typing", "dotenv.parser", "subprocess", "json"}
+
+
+def test_iptables_plan_loads_neither_the_supervisor_nor_the_network_nor_dotenvs_loading_api(tmp_path: Path) -> None:
+    # With the workload IP and the IPv6 choice set, nothing is derived from the interfaces.
+    argv = env_files(tmp_path, "ISTIO_SVC_IP=10.0.0.5\nENABLE_INBOUND_IPV6=false\nPOD_NAME=vm-1\n")
+    env = {**os.environ, "PROXY_UID": str(os.geteuid())}
+    modules = loaded(f"main({[*argv, 'iptables', 'plan']!r})", "from istio_vm.cli import main", env)
+    assert "istio_vm.iptables.plan" in modules
+    assert "dotenv.parser" in modules  # the lexer, loaded from its file
+    assert not modules & DOTENV_LOADING_API
+    assert not modules & SUPERVISOR
+    assert not modules & {"socket", "ctypes", "subprocess", "json", "istio_vm.iptables.dot"}
+
+
+def test_a_derived_address_still_reads_the_interfaces(tmp_path: Path) -> None:
+    env = {**os.environ, "PROXY_UID": str(os.geteuid())}
+    modules = loaded(f"main({[*env_files(tmp_path), 'iptables', 'plan']!r})", "from istio_vm.cli import main", env)
+    assert "ctypes" in modules  # the reference cluster.env leaves ISTIO_SVC_IP to be derived
+
+
+def test_istio_start_init_and_the_iptables_commands_load_no_supervisor() -> None:
+    modules = loaded("pass", "import istio_vm.cli, istio_vm.service.start, istio_vm.iptables.commands")
+    assert not modules & SUPERVISOR
+    assert not modules & DOTENV_LOADING_API
+
+
+def test_the_supervisor_stack_defers_what_only_runs_after_the_spawn() -> None:
+    # http.client (with ssl and email) serves the first probe and psutil the first exit: imported then, so
+    # that their cost overlaps the proxy's start rather than delaying its spawn.
+    modules = loaded("pass", "import istio_vm.service.start, istio_vm.service.loop")
+    assert "istio_vm.service.proxy_admin" in modules
+    assert not modules & {"http.client", "ssl", "email.parser", "psutil"}
