@@ -14,6 +14,7 @@ Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it,
     found          the Istio state in a save dump, and the lines that remove it
     restore_input  removal + plan per table: one iptables-restore input per family
     ip_batch       `ip` commands as `ip -batch` input, and their undo
+    trace          `iptables trace`: one flow through mangle and nat as the kernel walks them, and why
 Edge side (runs iptables and ip, reads /proc, writes the run dir):
     runner         Runner: every external command goes through it (tests swap in a fake)
     backend        nft or legacy, and the snapshot: one save per family

@@ -204,6 +204,11 @@ def _setting(config: Config, name: str) -> str:
     return f"{name}={item.value}"
 
 
+def origin(rule: Rule, config: Config) -> str:
+    """"Set by: NAME=value (source)." for a rule of the plan (what `trace` shows too)."""
+    return _origin(rule, config)
+
+
 def _origin(rule: Rule, config: Config) -> str:
     if rule.setting == ALWAYS:
         return "Set by: nothing; this rule is always installed."
