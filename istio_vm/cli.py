@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from istio_vm.config.sources import Sources
     from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
+    from istio_vm.iptables.trace import Flow
 
 # Commands import what they use when they run: `--help` loads argparse and nothing else, `iptables
 # install` does not pay for Envoy's admin client or the supervisor (start-up time is part of every
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "this configuration's, 1 with a diff when they drift.")
     _add_resolv_conf(verify_parser)
     verify_parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_trace_parser(actions)
 
     commands.add_parser(
         "start", help="what istio-start.sh did: iptables, then run and supervise the proxy",
@@ -96,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Send SIGHUP to the running `istio-vm start`: in envoy mode it starts the "
                         "next epoch as an Envoy hot restart.")
     return parser
+
+
+def _add_trace_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    trace = actions.add_parser(
+        "trace", help="would this connection be captured, by which rule, and why",
+        usage="istio-vm ... iptables trace [--live] [--json] (inbound|outbound) (tcp|udp) DST [--src ADDR[:PORT]] "
+              "[--uid N] [--gid N] [--iface NAME]\n       istio-vm ... iptables trace [--live] [--json] --flows FILE",
+        description="Follow one connection (or datagram) through the mangle and nat rules as the kernel does, "
+        "and say where it lands: every rule evaluated with the reason, then the verdict. DST is ADDR:PORT "
+        "([ADDR]:PORT for IPv6). Without --live: this configuration's plan; with --live: the rules on this "
+        "host now, whoever wrote them.")
+    _add_resolv_conf(trace)
+    trace.add_argument("--live", action="store_true", help="trace the rules on this host now, not the plan")
+    trace.add_argument("--json", action="store_true", help="one JSON object per flow (a line each)")
+    trace.add_argument("--flows", metavar="FILE", help="one flow per line, in the same words; - for stdin")
+    trace.add_argument("flow", nargs="*", metavar="WORD", help="inbound|outbound tcp|udp DST")
+    for name, what in (("--src", "ADDR[:PORT]"), ("--uid", "N"), ("--gid", "N"), ("--iface", "NAME")):
+        trace.add_argument(name, metavar=what)
 
 
 def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
@@ -194,8 +214,50 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.FAILURE if result.drift else ExitStatus.OK
 
 
+def cmd_iptables_trace(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.iptables import commands, trace
+
+    try:
+        flows = _trace_flows(args)
+    except trace.FlowError as e:
+        print(f"istio-vm: error: {e}", file=sys.stderr)
+        return ExitStatus.USAGE
+    tracer = commands.tracer(load_config(args), live=args.live)
+    for flow in flows:
+        result = tracer.trace(flow)
+        sys.stdout.write(result.to_json() + "\n" if args.json else result.text())
+    return ExitStatus.OK
+
+
+def _trace_flows(args: argparse.Namespace) -> list[Flow]:
+    """The flows of the command line or of --flows (FILE:LINE: named in the error)."""
+    from istio_vm.iptables import trace
+
+    if args.flows is None:
+        if len(args.flow) != 3:
+            raise trace.FlowError(f"expected DIRECTION PROTOCOL DST, got {' '.join(args.flow) or 'nothing'!r}")
+        return [trace.make_flow(*args.flow, src=args.src, uid=args.uid, gid=args.gid, iface=args.iface)]
+    if args.flow:
+        raise trace.FlowError(f"{args.flow[0]!r}: --flows takes the flows from its file, not the command line")
+    name = "stdin" if args.flows == "-" else args.flows
+    lines = sys.stdin.read().splitlines() if args.flows == "-" else _read_lines(args.flows)
+    flows = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                flows.append(trace.parse_flow_line(line))
+            except trace.FlowError as e:
+                raise trace.FlowError(f"{name}:{number}: {e}") from None
+    return flows
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 IPTABLES_COMMANDS = {"plan": cmd_iptables_plan, "explain": cmd_iptables_explain, "install": cmd_iptables_install,
-                     "clean": cmd_iptables_clean, "verify": cmd_iptables_verify}
+                     "clean": cmd_iptables_clean, "verify": cmd_iptables_verify, "trace": cmd_iptables_trace}
 
 
 def cmd_iptables(args: argparse.Namespace) -> ExitStatus:

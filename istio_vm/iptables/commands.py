@@ -2,7 +2,8 @@
 
 install = remove the Istio state found + install the plan (atomic per family, rolled back on failure);
 clean = remove what is found (needs no plan, so an edited env file cannot leave rules behind);
-verify = compare. All honour ISTIO_CUSTOM_IP_TABLES; install and clean honour DRY_RUN, and log
+verify = compare; tracer = what `iptables trace` follows flows through (the plan, or the live rules,
+whoever wrote them). The first three honour ISTIO_CUSTOM_IP_TABLES; install and clean honour DRY_RUN, and log
 1.9's 'Environment:'/'Variables:' dumps and the rules written at info level, as 1.9 did.
 """
 
@@ -21,6 +22,8 @@ from istio_vm.iptables.found import Owners
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
+    from istio_vm.iptables.runner import Runner
+    from istio_vm.iptables.trace import Tracer
     from istio_vm.iptables.verify import VerifyResult
 
 log = logging.getLogger(__name__)
@@ -105,3 +108,34 @@ def _log_report(what: str, report: apply.Report) -> None:
         if family.restore_input:
             log.info("%s IPv%s input to iptables-restore:\n%s", "Would write" if report.dry_run else "Wrote",
                      family.family, family.restore_input.rstrip())
+
+
+def tracer(config: Config, *, live: bool, runner: Runner | None = None) -> Tracer:
+    """`iptables trace`'s tracer: over this configuration's plan, or (live) the rules on this host now,
+    read with the engine's backend; the host's addresses, and with live the kernel's routes."""
+    from istio_vm.config.load import interface_addresses
+    from istio_vm.iptables import explain, state, trace
+    from istio_vm.iptables.backend import take
+    from istio_vm.iptables.runner import SubprocessRunner
+
+    addresses = interface_addresses()
+    outside = [a for a in addresses if not a.interface_is_loopback and a.interface_is_up]
+    sources: dict[int, str] = {}
+    for address in outside:
+        sources.setdefault(6 if ":" in address.ip else 4, address.ip.split("%")[0])
+    run = runner or SubprocessRunner()
+    host = trace.HostView(frozenset(a.ip.split("%")[0] for a in addresses),
+                          outside[0].interface if outside else "eth0",
+                          route=(lambda dst: _route_dev(run, dst)) if live else None, sources=sources)
+    if not live:
+        return trace.tracer_for_plan(build_plan(config.capture), host, lambda rule: explain.origin(rule, config))
+    recorded = state.read(config.supervision.run_dir).backend
+    snap = take(run, override=config.iptables.backend, recorded=recorded, optional={6})
+    return trace.tracer_for_saves(snap.saves, host)
+
+
+def _route_dev(runner: Runner, dst: str) -> str | None:
+    """The output interface the kernel's routing picks for dst (`ip route get`), None when it has none."""
+    done = runner.run(["ip", "route", "get", dst], timeout=10)
+    words = done.stdout.split()
+    return words[words.index("dev") + 1] if done.ok and "dev" in words[:-1] else None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+from istio_vm import cli
 from istio_vm.iptables import explain
 from istio_vm.iptables.plan import build_plan
 from istio_vm.iptables.rules import Plan
@@ -18,7 +21,7 @@ from istio_vm.iptables.trace import (
     tracer_for_plan,
     tracer_for_saves,
 )
-from tests.helpers import text
+from tests.helpers import DATA, iptables_args, text
 from tests.unit.test_explain import REFERENCE_ENV, config_of
 
 HOST = HostView(frozenset({"10.10.10.20", "fd00::20"}), "eth0", sources={4: "10.10.10.20", 6: "fd00::20"})
@@ -162,3 +165,24 @@ def test_kubevirt_interface_is_handled_as_outbound() -> None:
     result = tracer.trace(parse_flow_line("inbound tcp 10.0.2.2:80 --iface eth1"))
     assert (result.verdict, result.port) == ("redirect", 15001), result.text()
     assert result.steps[0].rule == "-A PREROUTING -i eth1 -j ISTIO_REDIRECT"  # the last -I 1 is first
+
+
+def test_cli_trace_text_json_flows_and_bad_words(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(DATA / "reference-vm" / "resolv.conf", tmp_path / "resolv.conf")
+    env = DATA / "reference-vm" / "cluster.env"
+    assert cli.main(iptables_args(tmp_path, env, "trace", "outbound", "udp", "10.10.10.6:53")) == 0
+    assert capsys.readouterr().out.endswith("captured: redirected to 15053 (the agent's DNS proxy) by nat OUTPUT "
+                                            "rule 4\n")
+    flows = tmp_path / "flows"
+    flows.write_text("# a comment\noutbound tcp 192.0.2.1:80\n\ninbound tcp [fd00::1]:8080\n")
+    assert cli.main(iptables_args(tmp_path, env, "trace", "--json", "--flows", str(flows))) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["captured"], d["verdict"], d["port"]) for d in lines] == [(True, "redirect", 15001),
+                                                                         (False, "not-captured", 8080)]
+    flows.write_text("outbound tcp 192.0.2.1:80\noutbound tcp 192.0.2.1:99999\n")
+    assert cli.main(iptables_args(tmp_path, env, "trace", "--flows", str(flows))) == 2
+    assert capsys.readouterr().err.endswith(f"istio-vm: error: {flows}:2: DST: '99999' is not a port "
+                                            "(1-65535)\n")
+    assert cli.main(iptables_args(tmp_path, env, "trace", "inbound", "tcp", "10.0.0.1:80", "--uid", "x")) == 2
+    assert "--uid: 'x'" in capsys.readouterr().err
