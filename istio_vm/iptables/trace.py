@@ -591,7 +591,8 @@ class Tracer:
             return _Outcome("redirect", rule, port=port)
         if target == "TPROXY":
             port_text = args.get("--on-port", "")
-            if table != MANGLE or not port_text.isdigit() or "--on-ip" in args:
+            # iptables-save prints `--on-ip 0.0.0.0` (or ::) for "the packet's own destination"
+            if table != MANGLE or not port_text.isdigit() or args.get("--on-ip", "::") not in ("0.0.0.0", "::"):
                 return _Outcome("unknown", rule, why=f"target TPROXY {' '.join(rule.saved.target_args)}")
             return _Outcome("tproxy", rule, port=int(port_text) or packet.dport)
         if target == "MARK":
