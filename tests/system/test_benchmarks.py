@@ -111,3 +111,10 @@ def test_readiness_benchmark_reports_envoy_alone_beside_istio_vm() -> None:
         assert row["ours"]["median"] > 0
         assert row["envoy_alone"]["median"] > 0
     assert 0 <= result["agent"]["after_first_200"]["median"] < 1000
+
+
+def test_trace_benchmark_reports_flows_per_second() -> None:
+    result = run_json(["-m", "benchmarks.trace_flows", "--flows", "2000", "--json"], timeout=120)
+    assert result["flows"] == 2000
+    assert min(result["floor_per_s"], result["trace_per_s"], result["cli_per_s_after_startup"]) > 0
+    assert isinstance(result["goal_met"], bool)
