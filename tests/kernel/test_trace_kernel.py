@@ -23,6 +23,7 @@ from istio_vm.config.host import Host
 from istio_vm.config.model import Config, ResolvConf, Shell
 from istio_vm.config.resolve import build
 from istio_vm.iptables import apply, commands
+from istio_vm.iptables.backend import BACKENDS, binary
 from istio_vm.iptables.plan import build_plan
 from istio_vm.iptables.trace import Flow, HostView, Trace, tracer_for_plan
 from testbed.netns import CLIENT_V4, CLIENT_V6, VM_V4, VM_V6, Netns, Pair, pair
@@ -202,17 +203,17 @@ def landed(answer: str) -> tuple[bool, int] | None:
 
 
 @contextlib.contextmanager
-def installed(setup: Setup, tmp_path_str: str, foreign: str = "") -> Iterator[tuple[Pair, Config]]:
+def installed(setup: Setup, tmp_path_str: str, backend: str, foreign: str = "") -> Iterator[tuple[Pair, Config]]:
     with pair("istio-vm-tr") as p:
         config = config_for(setup, p.vm_if)
         plan = build_plan(config.capture)
         with p.vm.entered():
-            apply.install_plan(plan, backend="nft", run_dir=tmp_path_str)
+            apply.install_plan(plan, backend=backend, run_dir=tmp_path_str)
         for address in REMOTE_V4[1:]:
             p.client.ip("addr", "add", f"{address}/32", "dev", p.client_if)
         p.vm.ip("route", "add", "10.99.1.0/24", "via", CLIENT_V4, "dev", p.vm_if)
         if foreign:
-            p.vm.run("iptables-nft-restore", "--noflush", input=foreign)
+            p.vm.run(binary(backend, 4, "restore"), "--noflush", input=foreign)
         yield p, config
 
 
@@ -258,10 +259,11 @@ def observe(p: Pair, config: Config, flows: list[Flow]) -> tuple[list[Trace], li
     return [planned.trace(f) for f in flows], [live.trace(f) for f in flows], answers
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
-def test_trace_agrees_with_the_kernel(setup: Setup, tmp_path: object) -> None:
-    seed = 1300 + SETUPS.index(setup)
-    with installed(setup, str(tmp_path)) as (p, config):
+def test_trace_agrees_with_the_kernel(setup: Setup, backend: str, tmp_path: object) -> None:
+    seed = 1300 + SETUPS.index(setup)  # the same flows for both backends
+    with installed(setup, str(tmp_path), backend) as (p, config):
         flows = generate(setup, p, seed)
         planned_traces, live_traces, answers = observe(p, config, flows)
     assert not [t for t in planned_traces + live_traces if t.verdict == "unknown"]
@@ -272,9 +274,10 @@ def test_trace_agrees_with_the_kernel(setup: Setup, tmp_path: object) -> None:
     assert any(t.captured is False for t in planned_traces)
 
 
-def test_live_with_foreign_rules_agrees_or_says_unknown(tmp_path: object) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_with_foreign_rules_agrees_or_says_unknown(backend: str, tmp_path: object) -> None:
     setup = SETUPS[0]
-    with installed(setup, str(tmp_path), FOREIGN) as (p, config):
+    with installed(setup, str(tmp_path), backend, FOREIGN) as (p, config):
         flows = generate(setup, p, 1399)
         flows += [Flow("outbound", "tcp", CLIENT_V4, port, None, None, APP, APP) for port in (7000, 9090, 80)]
         flows += [Flow("inbound", "tcp", VM_V4, 7070, CLIENT_V4, None, 0, 0, p.vm_if)]
