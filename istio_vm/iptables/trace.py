@@ -493,8 +493,8 @@ class Tracer:
         ruleset = self.rulesets.get(family)
         dst = ipaddress.ip_address(flow.dst)
         steps: list[Step] = []
-        if ruleset is None:
-            ruleset = Ruleset({}, family)
+        if ruleset is None:  # --live on a host whose IPv6 rules cannot be read (e.g. no IPv6 in the kernel)
+            return self._result(flow, _Outcome("unknown", why=f"the IPv{family} rules could not be read"), steps)
         if flow.direction == "inbound":
             src = ipaddress.ip_address(flow.src or DEFAULT_SRC[family])
             packet = _Packet(flow.protocol, src, dst, flow.sport or DEFAULT_SPORT, flow.dport,

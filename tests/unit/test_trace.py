@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from istio_vm import cli
-from istio_vm.iptables import explain
+from istio_vm.iptables import commands, explain
 from istio_vm.iptables.plan import build_plan
 from istio_vm.iptables.rules import Plan
+from istio_vm.iptables.runner import Completed
 from istio_vm.iptables.trace import (
     FlowError,
     HostView,
@@ -21,6 +22,7 @@ from istio_vm.iptables.trace import (
     tracer_for_plan,
     tracer_for_saves,
 )
+from tests.fakes import FakeRunner
 from tests.helpers import DATA, iptables_args, text
 from tests.unit.test_explain import REFERENCE_ENV, config_of
 
@@ -141,6 +143,8 @@ def test_live_foreign_rules_unknown_and_policies() -> None:
     assert "DNAT" in dnat.sentence
     assert tracer.trace(parse_flow_line("inbound tcp 10.10.10.20:8081")).verdict == "dropped"  # mangle policy
     assert tracer.trace(parse_flow_line("inbound udp 10.10.10.20:8081")).verdict == "not-captured"
+    unreadable = tracer.trace(parse_flow_line("outbound tcp [2001:db8::1]:80"))  # no IPv6 save
+    assert (unreadable.captured, unreadable.sentence) == (None, "unknown: the IPv6 rules could not be read")
 
 
 @pytest.mark.parametrize(("words", "named"), [
@@ -186,3 +190,15 @@ def test_cli_trace_text_json_flows_and_bad_words(clean_env: pytest.MonkeyPatch, 
                                             "(1-65535)\n")
     assert cli.main(iptables_args(tmp_path, env, "trace", "inbound", "tcp", "10.0.0.1:80", "--uid", "x")) == 2
     assert "--uid: 'x'" in capsys.readouterr().err
+
+
+def test_live_tracer_reads_the_backend_saves_and_routes() -> None:
+    fake = FakeRunner(saves={"iptables-nft-save": FOREIGN})
+    fake.handlers.append(lambda a, i: Completed(a, 0, "192.0.2.7 via 10.0.0.1 dev ens5 src 10.0.0.5 uid 0\n")
+                         if a[:3] == ("ip", "route", "get") else None)
+    config = config_of(**REFERENCE_ENV, ISTIO_IPTABLES_BACKEND="nft", ISTIO_VM_RUN_DIR="/nonexistent/run")
+    tracer = commands.tracer(config, live=True, runner=fake)
+    result = tracer.trace(parse_flow_line("outbound tcp 192.0.2.7:7000"))
+    assert result.verdict == "not-captured"
+    assert ("ip", "route", "get", "192.0.2.7") in fake.argvs
+    assert fake.argvs[:2] == [("iptables-nft-save",), ("ip6tables-nft-save",)]
