@@ -236,6 +236,9 @@ def disagreements(flows: list[Flow], traces: list[Trace], answers: list[str], *,
         kernel = landed(answer)
         if trace.verdict == "unknown" and allow_unknown:
             continue
+        redirected_tcp = trace.verdict == "redirect" and flow.protocol == "tcp" and kernel is not None
+        if redirected_tcp and answer.split()[2] != f"{flow.dst}:{flow.dport}":  # the proxy sees where it was going
+            bad.append(f"{flow.words()}: SO_ORIGINAL_DST is {answer.split()[2]}, not the flow's destination")
         if kernel != (trace.captured, trace.port):
             bad.append(f"{flow.words()} uid {flow.uid} gid {flow.gid} src {flow.src}: kernel {answer!r}, "
                        f"trace {trace.verdict} {trace.port} ({trace.sentence})")
