@@ -127,7 +127,9 @@ follows jumps, `RETURN` and the policies of the built-in chains.
 - Without `--live` it traces this configuration's plan (the settings of every rule are named); with
   `--live` the rules on this host now, both families, read with the backend install uses (nft or
   legacy), including rules istio-vm did not write (Docker, firewalld, a user's `-I OUTPUT 1 ... -j
-  RETURN`): those are shown as "not installed by istio-vm".
+  RETURN`): a live rule that is one of the plan's names its setting, other rules of Istio's chains
+  say "an Istio rule, but not one of this configuration's plan", and the rest "not installed by
+  istio-vm". A family whose rules cannot be read gives `unknown`.
 - It models the matches `-s/-d`, `-i/-o` (with `!` and `+`), `-p`, `--dport/--sport`, `-m multiport`,
   `-m owner --uid-owner/--gid-owner`, `-m mark`, `-m connmark`, `-m conntrack --ctstate`, `-m addrtype`
   (LOCAL, UNICAST, MULTICAST, BROADCAST) and `-m comment`, and the targets RETURN, ACCEPT, DROP,

@@ -127,11 +127,12 @@ def tracer(config: Config, *, live: bool, runner: Runner | None = None) -> Trace
     host = trace.HostView(frozenset(a.ip.split("%")[0] for a in addresses),
                           outside[0].interface if outside else "eth0",
                           route=(lambda dst: _route_dev(run, dst)) if live else None, sources=sources)
+    planned = trace.tracer_for_plan(build_plan(config.capture), host, lambda rule: explain.origin(rule, config))
     if not live:
-        return trace.tracer_for_plan(build_plan(config.capture), host, lambda rule: explain.origin(rule, config))
+        return planned
     recorded = state.read(config.supervision.run_dir).backend
     snap = take(run, override=config.iptables.backend, recorded=recorded, optional={6})
-    return trace.tracer_for_saves(snap.saves, host)
+    return trace.tracer_for_saves(snap.saves, host, planned)
 
 
 def _route_dev(runner: Runner, dst: str) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from istio_vm.iptables.explain import describe
-from istio_vm.iptables.names import BUILTIN_CHAINS, MANGLE, NAT
+from istio_vm.iptables.names import BUILTIN_CHAINS, MANGLE, NAT, PREFIX
 from istio_vm.iptables.rules import Plan, Rule
 from istio_vm.iptables.saved import SavedRule, SavedTable, parse_rule, parse_save
 
@@ -24,6 +24,7 @@ DIRECTIONS = ("inbound", "outbound")
 PROTOCOLS = ("tcp", "udp")
 VERDICTS = ("redirect", "tproxy", "not-captured", "dropped", "rejected", "unknown")
 NOT_OURS = "not installed by istio-vm"
+ISTIO_NOT_PLANNED = "an Istio rule, but not one of this configuration's plan"
 LISTENERS = {15001: "the proxy's outbound listener", 15006: "the proxy's inbound listener",
              15053: "the agent's DNS proxy"}
 DEFAULT_SRC = {4: "203.0.113.1", 6: "2001:db8::1"}  # "an address outside this host" (documentation ranges)
@@ -407,9 +408,10 @@ def _description(rule: SavedRule, family: int) -> str:
 class Ruleset:
     """One family's mangle and nat tables, compiled once for many traces."""
 
-    def __init__(self, tables: Mapping[str, SavedTable], family: int, origins: Mapping[str, str] | None = None,
-                 default_origin: str = NOT_OURS) -> None:
+    def __init__(self, tables: Mapping[str, SavedTable], family: int,
+                 origins: Mapping[Shape, str] | None = None) -> None:
         self.family = family
+        self.origins: dict[Shape, str] = dict(origins or {})  # by shape: what the live rules are matched against
         self.chains: dict[tuple[str, str], list[_Compiled]] = {}
         self.policies: dict[tuple[str, str], str] = {}
         for name in (MANGLE, NAT):
@@ -425,22 +427,22 @@ class Ruleset:
                 target = saved.target
                 if target not in _TARGETS and (name, target) not in self.chains and not _is_chain(table, target):
                     unknown = unknown or f"target {target}"
-                key = f"{name} {saved.line}"
-                origin = (origins or {}).get(key, default_origin)
+                origin = self.origins.get(shape(saved)) or _foreign_origin(saved)
                 compiled.append(_Compiled(saved, len(compiled) + 1, tuple(tests), unknown, target,
                                           _target_args(saved.target_args), f" -g {target}" in f" {saved.spec}",
                                           _description(saved, family), origin))
 
     @classmethod
-    def from_save(cls, text: str, family: int) -> Ruleset:
-        """The live rules of one family: an iptables-save dump."""
-        return cls(parse_save(text), family)
+    def from_save(cls, text: str, family: int, origins: Mapping[Shape, str] | None = None) -> Ruleset:
+        """The live rules of one family: an iptables-save dump; `origins` (a planned Ruleset's) names the
+        setting of each live rule that is one of the plan's, in whatever form iptables-save prints it."""
+        return cls(parse_save(text), family, origins)
 
     @classmethod
     def from_plan(cls, plan: Plan, family: int, origin: Callable[[Rule], str] | None = None) -> Ruleset:
         """The planned rules of one family, laid out as the kernel holds them (`-I` inserts applied)."""
         tables: dict[str, SavedTable] = {}
-        origins: dict[str, str] = {}
+        origins: dict[Shape, str] = {}
         per_table: dict[str, dict[str, list[str]]] = {}
         for rule in plan.rules(family):
             chains = per_table.setdefault(rule.table, {})
@@ -450,13 +452,26 @@ class Ruleset:
                 chain.insert(int(rule.params[2]) - 1, spec)
             else:
                 chain.append(spec)
-            origins[f"{rule.table} -A {rule.chain} {spec}"] = origin(rule) if origin else f"Set by: {rule.setting}"
+            origins[shape(parse_rule(rule.table, rule.chain, spec))] = (origin(rule) if origin
+                                                                        else f"Set by: {rule.setting}")
         for name, chains in per_table.items():
             rules = tuple(parse_rule(name, chain, spec) for chain, specs in chains.items() for spec in specs)
             listed = [(c, "ACCEPT") for c in sorted(BUILTIN_CHAINS)] + [(c, "-") for c in chains
                                                                         if c not in BUILTIN_CHAINS]
             tables[name] = SavedTable(name, tuple(listed), rules)
         return cls(tables, family, origins)
+
+
+Shape = tuple[str, str, frozenset[tuple[bool, str, str]], str, tuple[str, ...]]
+
+
+def shape(rule: SavedRule) -> Shape:
+    """A rule whatever order or spelling iptables-save uses: table, chain, options, target, its arguments."""
+    return rule.table, rule.chain, rule.options, rule.target, rule.target_args
+
+
+def _foreign_origin(rule: SavedRule) -> str:
+    return ISTIO_NOT_PLANNED if rule.chain.startswith(PREFIX) or rule.target.startswith(PREFIX) else NOT_OURS
 
 
 def _is_chain(table: SavedTable, name: str) -> bool:
@@ -653,8 +668,11 @@ def tracer_for_plan(plan: Plan, host: HostView, origin: Callable[[Rule], str] | 
     return Tracer({family: Ruleset.from_plan(plan, family, origin) for family in (4, 6)}, host)
 
 
-def tracer_for_saves(saves: Mapping[int, str], host: HostView) -> Tracer:
-    return Tracer({family: Ruleset.from_save(text, family) for family, text in saves.items()}, host)
+def tracer_for_saves(saves: Mapping[int, str], host: HostView, planned: Tracer | None = None) -> Tracer:
+    """Traces over live rules; with `planned`, the rules that are the plan's name their settings."""
+    origins = {f: planned.rulesets[f].origins for f in planned.rulesets} if planned else {}
+    return Tracer({family: Ruleset.from_save(text, family, origins.get(family)) for family, text in saves.items()},
+                  host)
 
 
 def trace_all(tracer: Tracer, flows: Iterable[Flow]) -> list[Trace]:

@@ -288,6 +288,9 @@ def test_live_with_foreign_rules_agrees_or_says_unknown(backend: str, tmp_path: 
     bad = disagreements(flows, live_traces, answers, allow_unknown=True)
     assert not bad, "\n".join(bad)
     by_port = {(t.flow.direction, t.flow.dport): t for t in live_traces[-4:]}
+    origins = {s.rule: s.origin for t in live_traces for s in t.steps}
+    assert origins["-A OUTPUT -p tcp -m tcp --dport 7000 -j RETURN"] == "not installed by istio-vm"
+    assert origins["-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"] == "Set by: ENVOY_PORT=15001 (default)."
     assert by_port[("outbound", 7000)].verdict == "not-captured"  # the user's -I OUTPUT 1 RETURN
     assert "statistic" in by_port[("outbound", 9090)].sentence
     assert by_port[("inbound", 7070)].verdict == "unknown"  # Docker's DNAT is not modelled

@@ -202,3 +202,6 @@ def test_live_tracer_reads_the_backend_saves_and_routes() -> None:
     assert result.verdict == "not-captured"
     assert ("ip", "route", "get", "192.0.2.7") in fake.argvs
     assert fake.argvs[:2] == [("iptables-nft-save",), ("ip6tables-nft-save",)]
+    origins = {r.saved.line: r.origin for rules in tracer.rulesets[4].chains.values() for r in rules}
+    assert origins["-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"] == "Set by: ENVOY_PORT=15001 (default)."
+    assert origins["-A OUTPUT -p tcp --dport 7000 -j RETURN"] == "not installed by istio-vm"
