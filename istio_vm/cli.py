@@ -215,6 +215,7 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_iptables_trace(args: argparse.Namespace) -> ExitStatus:
+    from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands, trace
 
     try:
