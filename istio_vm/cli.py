@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.start_args = start_args or []
     from istio_vm import logs
-    from istio_vm.errors import ConfigError, ExitStatus, IstioVmError
+    from istio_vm.errors import ConfigError, ExitStatus, IstioVmError, capped
 
     logs.configure(logs.choose_target(None))  # structured journal entries under systemd (e.g. ExecStopPost)
     try:
@@ -332,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         if args.traceback:
             raise
-        for problem in e.problems:
-            print(f"istio-vm: config error: {problem}", file=sys.stderr)
+        for line in capped(e.problems):
+            print(f"istio-vm: config error: {line}", file=sys.stderr)
         return e.status
     except IstioVmError as e:
         if args.traceback:

@@ -7,8 +7,15 @@ named (variable, value). `ConfigError` carries all of them at once, so one run r
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+MAX_PROBLEMS_SHOWN = 20  # problems printed per run; the rest are counted ("... and N more")
+MAX_PROBLEM_LINE = 400  # characters of one problem line
+MAX_VALUE_SHOWN = 80  # characters of a value inside a line
+# What would break "one line per problem" or fool a terminal: C0 and C1 controls, Unicode line breaks.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @enum.unique
@@ -40,9 +47,35 @@ class Problem:
     def __str__(self) -> str:
         subject = ""
         if self.variable is not None:
-            subject = self.variable if self.value is None else f"{self.variable}={self.value!r}"
+            subject = self.variable if self.value is None else f"{self.variable}={shown(self.value)}"
             subject += ": "
-        return f"{self.where}: {subject}{self.message}"
+        return one_line(f"{self.where}: {subject}{self.message}")
+
+
+def shown(text: str, limit: int = MAX_VALUE_SHOWN) -> str:
+    """`text` quoted (repr: control characters escaped), cut to `limit` characters.
+
+    >>> shown("x" * 100, 5)
+    "'xxxxx'... (100 characters)"
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def one_line(text: str, limit: int = MAX_PROBLEM_LINE) -> str:
+    """`text` as one bounded line: control characters and line breaks escaped, cut after `limit` characters."""
+    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def capped(problems: Sequence[Problem], limit: int = MAX_PROBLEMS_SHOWN) -> list[str]:
+    """The lines of the first `limit` problems, and one that counts the rest."""
+    lines = [str(p) for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more problems (fix the ones above first)")
+    return lines
 
 
 class IstioVmError(Exception):
@@ -76,7 +109,7 @@ class ConfigError(IstioVmError):
 
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(capped(self.problems)))
 
 
 class ApplyError(IstioVmError):

@@ -41,8 +41,10 @@ istio-vm reads its configuration the way istio-start.sh 1.9 did with `set -a; . 
 - Files: `$ISTIO_SIDECAR_CONFIG` (default `/var/lib/istio/envoy/sidecar.env`), then
   `$ISTIO_CLUSTER_CONFIG` (default `/var/lib/istio/envoy/cluster.env`); `--sidecar-env PATH` and
   `--cluster-env PATH` override both. A missing file is skipped (logged at info); a file that exists
-  but cannot be read is an error. As root, a file owned by another user or writable by group or
-  others is refused: it configures a root process.
+  but cannot be read is an error, and so is a dangling symlink. Only a regular file of at most
+  384 KiB and 10,000 lines is read (a FIFO, device, socket or directory is refused without being
+  opened; `/dev/null` reads as empty), and the same holds for resolv.conf (size only). As root, a
+  file owned by another user or writable by group or others is refused: it configures a root process.
 - Precedence: a value assigned in a file overrides the process environment, and cluster.env overrides
   sidecar.env. An empty value means the default (as istio-start.sh's `${VAR:-default}` and viper
   did), except where noted (`PROV_CERT`, `OUTPUT_CERTS` keep an empty value, as `${VAR-default}`).
@@ -53,8 +55,15 @@ istio-vm reads its configuration the way istio-start.sh 1.9 did with `set -a; . 
   forms, variables bash sets itself (`${UID}`, and `${PATH}`, `${SHELL}`, `${TERM}` when the
   environment lacks them), backslash escapes that bash and dotenv read differently, whitespace other
   than space and tab outside quotes, control characters, CRLF line endings, a byte-order mark.
+- Values: a number is plain decimal (no sign, spaces, `_` or leading zero: iptables and ip read
+  `015001` as octal), marks may also be `0x` hex; interface names are 1-15 letters, digits, `_`, `.`
+  or `-` (never iptables' `+` wildcard); durations are at most 24h; one value is at most 128 KiB and
+  all a file assigns at most 2 MiB (what the kernel passes to the proxy), counted before `${...}`
+  is expanded.
 - Every problem is reported at once, one line each (`FILE:LINE: NAME='value': reason`), and the
-  command exits with status 78 without changing anything.
+  command exits with status 78 without changing anything. Output is bounded: the first 20 problems
+  and a count of the rest, each line cut at 400 characters, control characters escaped; a file that
+  others may not read is never quoted (its problems give file, line and variable only).
 - `istio-vm config --show-source` prints each value with its origin: `FILE:LINE`, `environment`,
   `default` or `derived`; `istio-vm config --json` prints the same as JSON.
 """

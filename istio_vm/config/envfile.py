@@ -71,7 +71,7 @@ _BINDING = re.compile(
     re.DOTALL,
 )
 _SINGLE = re.compile(r"'([^']*)'")  # bash: no escapes inside single quotes
-_DOUBLE = re.compile(r'"((?:\\.|[^"\\])*)"', re.DOTALL)
+_DOUBLE = re.compile(r'"((?:\\.|[^"\\])*+)"', re.DOTALL)  # possessive: no backtracking stack per character
 _WORD = re.compile(r"[^ \t\n]*")
 _END = re.compile(r"(?:[ \t]+#.*|[ \t]*)\Z", re.DOTALL)  # what may follow a value: blanks, a comment
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
@@ -80,6 +80,11 @@ _TILDE = re.compile(r"(?:\A|:|\$\{[A-Za-z_][A-Za-z0-9_]*:-)~")  # where bash exp
 _SUPPORTED_EXPANSION = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}$`\\\"']*)?\}")
 _EXPANSION_NAME = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
+# Every assigned value is exported to the proxy, and execve(2) refuses a string over MAX_ARG_STRLEN
+# (128 KiB) and an environment over ARG_MAX (2 MiB by default); so longer values are refused here,
+# before they are built (a `${A}${A}...` chain would otherwise double its size with every line).
+MAX_VALUE = 128 * 1024
+MAX_ASSIGNED = 2 * 1024 * 1024
 # Variables bash sets by itself: `${UID}` in bash is not what the environment says, so refuse them.
 BASH_MANAGED = frozenset("""
     BASH BASHOPTS BASHPID BASH_ALIASES BASH_ARGC BASH_ARGV BASH_ARGV0 BASH_CMDS BASH_COMMAND BASH_COMPAT
@@ -140,6 +145,7 @@ environment or write the value itself"]
     """
     statements, problems = read_statements(text, path)
     assignments = []
+    assigned = 0  # characters assigned by this file so far
     for st in statements:
         if not st.assign:
             if st.name in BASH_DEFAULTS and st.name not in env:
@@ -151,6 +157,14 @@ environment or write the value itself"]
                                     f"bash would expand its own default: set {missing} in the environment "
                                     "or write the value itself"))
             continue
+        size = _expanded_length(st.text, env) if st.expand else len(st.text)
+        if size > MAX_VALUE or assigned + size > MAX_ASSIGNED:
+            problems.append(Problem(f"{path}:{st.line}", st.name, None, f"the value would be {size} characters "
+                                    f"long{'' if size > MAX_VALUE else ' (with the values before it)'}: "
+                                    f"more than the kernel passes to a process ({MAX_VALUE // 1024} KiB a value, "
+                                    f"{MAX_ASSIGNED // 1048576} MiB in all)"))
+            continue
+        assigned += size
         value = _expand(st, env) if st.expand else st.text
         env[st.name] = value
         assignments.append(Assignment(st.name, value, path, st.line))
@@ -407,6 +421,11 @@ def _bash_default_needed(text: str, env: MutableMapping[str, str]) -> str | None
         if isinstance(atom, Variable) and atom.name in BASH_DEFAULTS and atom.name not in env:
             return str(atom.name)
     return None
+
+
+def _expanded_length(text: str, env: MutableMapping[str, str]) -> int:
+    """The length `_expand` would build, counted without building it."""
+    return sum(len(_resolve(atom, env)) for atom in parse_variables(text))
 
 
 def _expand(statement: _Statement, env: MutableMapping[str, str]) -> str:

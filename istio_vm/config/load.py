@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import overload
@@ -16,7 +17,8 @@ from typing import overload
 from istio_vm.config.host import Address, Host, User
 from istio_vm.config.model import Config, ResolvConf
 from istio_vm.config.resolve import build, user_names
-from istio_vm.config.sources import Sources, read_shell
+from istio_vm.config.sources import Sources, Unreadable, file_kind, read_regular_file, read_shell
+from istio_vm.errors import ConfigError, Problem
 
 
 def load(sources: Sources, environ: Mapping[str, str], host: Host | None = None,
@@ -28,15 +30,73 @@ def load(sources: Sources, environ: Mapping[str, str], host: Host | None = None,
     shell = read_shell(sources, environ, os.geteuid() if host is None else host.euid, overrides)
     if host is None:
         host = read_host(user_names(shell.variables))
-    return build(shell, host, read_resolv_conf(sources.resolv_conf))
+    config = build(shell, host, read_resolv_conf(sources.resolv_conf))
+    if config.supervision.log_target == "files":
+        check_log_dir(config)
+    return config
+
+
+LOG_FILES = ("istio.log", "istio.err.log")  # service/proxy_output.py's names, 1.9's
+
+
+def check_log_dir(config: Config) -> None:
+    """ISTIO_LOG_TARGET=files: the proxy's user must be able to append to both log files, which it opens
+    after the rules are in and privileges are dropped; found here, it is a config error (exit 78) that
+    changes nothing, rather than a failure after install."""
+    value = config.values["ISTIO_LOG_DIR"]
+    reason = log_dir_problem(value.value, config.agent.exec_user)
+    if reason is not None:
+        raise ConfigError([Problem(value.source, "ISTIO_LOG_DIR", value.value, f"{reason} (ISTIO_LOG_TARGET=files)")])
+
+
+def log_dir_problem(path: str, user: User) -> str | None:
+    """Why `user` could not append to LOG_FILES in directory `path`, or None."""
+    groups = {user.gid, *os.getgrouplist(user.name, user.gid)}
+    try:
+        info = os.stat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            return "not a directory"
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only file system (the unit allows writes only under ReadWritePaths=)"
+        if not _may_write(info, user.uid, groups, search=True):
+            return f"{user.name} (uid {user.uid}) may not create files in it"
+        for name in LOG_FILES:
+            try:
+                found = os.lstat(os.path.join(path, name))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(found.st_mode):
+                return f"{name} in it is {file_kind(found.st_mode)}, not a regular file: move it away"
+            if not _may_write(found, user.uid, groups, search=False):
+                return f"{user.name} (uid {user.uid}) may not write {name} in it"
+    except OSError as e:
+        return f"cannot be used: {e.strerror}"
+    return None
+
+
+def _may_write(info: os.stat_result, uid: int, groups: set[int], *, search: bool) -> bool:
+    """The permission bits as the kernel checks them for uid (root: CAP_DAC_OVERRIDE, in the unit's set)."""
+    if uid == 0:
+        return True
+    need = stat.S_IWOTH | (stat.S_IXOTH if search else 0)
+    if info.st_uid == uid:
+        shift = 6
+    elif info.st_gid in groups:
+        shift = 3
+    else:
+        shift = 0
+    return (info.st_mode >> shift) & need == need
 
 
 def read_resolv_conf(path: str) -> ResolvConf:
     """The nameservers' file, or why it cannot be read (only an error when DNS capture needs it)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return ResolvConf(path, f.read())
-    except (OSError, UnicodeDecodeError) as e:
+        return ResolvConf(path, read_regular_file(path)[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        return ResolvConf(path, error="not valid UTF-8")
+    except FileNotFoundError:
+        return ResolvConf(path, error="not found")
+    except Unreadable as e:
         return ResolvConf(path, error=str(e))
 
 

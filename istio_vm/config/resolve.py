@@ -25,7 +25,7 @@ from istio_vm.config.model import (
     Value,
 )
 from istio_vm.config.settings import BY_NAME
-from istio_vm.errors import ConfigError, Problem
+from istio_vm.errors import ConfigError, Problem, shown
 
 
 def user_names(variables: Mapping[str, str]) -> frozenset[str]:
@@ -160,6 +160,11 @@ def _capture(r: _Resolver, host: Host, resolv: ResolvConf) -> Capture:
             r.problems.append(Problem(resolv.path, "REDIRECT_DNS", redirect_dns, f"DNS capture needs "
                                       f"the nameservers, but {resolv.path} cannot be read: {resolv.error}"))
         for number, server in nameservers(resolv.text):
+            if _octal_looking_ipv4(server):
+                r.problems.append(Problem(f"{resolv.path}:{number}", "REDIRECT_DNS", redirect_dns,
+                                          f"nameserver {shown(server)} has a leading zero: glibc and "
+                                          "iptables read such a part as octal; write the address in plain decimal"))
+                continue
             (v4 if _is_ipv4(server) else v6).append(server)
             if dns_source == "derived":
                 dns_source = f"{resolv.path}:{number}"
@@ -200,7 +205,14 @@ def nameservers(text: str) -> list[tuple[int, str]]:
 def _is_ipv4(server: str) -> bool:
     """Go's `net.ParseIP(s).To4() != nil` for a dotted quad (anything else counts as IPv6 in 1.9)."""
     parts = server.split(".")
-    return len(parts) == 4 and all(p.isascii() and p.isdigit() and int(p) < 256 for p in parts)
+    return len(parts) == 4 and all(checks.decimal(p, 0, 255) is not None for p in parts)
+
+
+def _octal_looking_ipv4(server: str) -> bool:
+    """A dotted quad of decimal digits with a part like `010`: Go 1.15 read it as decimal, inet_aton as octal."""
+    parts = server.split(".")
+    return len(parts) == 4 and all(p.isascii() and p.isdigit() for p in parts) and any(
+        len(p) > 1 and p.startswith("0") for p in parts)
 
 
 def _agent(r: _Resolver, host: Host, capture: Capture) -> Agent | None:
@@ -241,8 +253,7 @@ def _supervision(r: _Resolver) -> Supervision:
         return checks.seconds(r.take(name, derived)) or 0.0
 
     def number(name: str) -> int:
-        text = r.take(name)
-        return int(text) if text.isdigit() else 0
+        return checks.decimal(r.take(name), 0, 0xFFFFFFFF) or 0  # an invalid value is a problem already
 
     legacy_drain = r.shell.get("TERMINATION_DRAIN_DURATION_SECONDS", "")
     drain = seconds("TERMINATION_DRAIN_DURATION", (lambda: f"{legacy_drain}s") if legacy_drain else None)
@@ -256,7 +267,7 @@ def _supervision(r: _Resolver) -> Supervision:
     bootstrap = r.take("ENVOY_BOOTSTRAP")
     if proxy is Proxy.ENVOY and not bootstrap:
         r.problem("ISTIO_VM_PROXY", "envoy mode needs ENVOY_BOOTSTRAP (the Envoy bootstrap file)")
-    return Supervision(
+    supervision = Supervision(
         proxy=proxy,
         envoy_binary=r.take("ENVOY_BINARY", lambda: f"{r.values['ISTIO_BIN_BASE'].value}/envoy"),
         envoy_bootstrap=bootstrap,
@@ -275,3 +286,28 @@ def _supervision(r: _Resolver) -> Supervision:
         log_target=r.take("ISTIO_LOG_TARGET") or None,
         run_dir=r.take("ISTIO_VM_RUN_DIR"),
     )
+    _check_restart_budget(r, supervision)
+    return supervision
+
+
+def _check_restart_budget(r: _Resolver, s: Supervision) -> None:
+    """A proxy that exits at once must end in the crash-loop exit, never in restarts forever.
+
+    The loop gives up after more than MAX_RESTARTS exits within RESTART_WINDOW. Between the first and
+    the last of those exits lie MAX_RESTARTS backoff delays, each at most the doubling delay; when the
+    window is not longer than those delays together, no window ever holds enough exits and the proxy is
+    restarted forever (with a zero backoff: as fast as it can spawn). A zero initial delay or maximum
+    would make every restart immediate, so both must be positive.
+    """
+    names = ("ISTIO_VM_BACKOFF_INITIAL", "ISTIO_VM_BACKOFF_MAX", "ISTIO_VM_MAX_RESTARTS", "ISTIO_VM_RESTART_WINDOW")
+    if not r.ok(*names):
+        return
+    for name, value in (("ISTIO_VM_BACKOFF_INITIAL", s.backoff_initial), ("ISTIO_VM_BACKOFF_MAX", s.backoff_max)):
+        if value <= 0:
+            r.problem(name, "must be longer than 0: a zero delay restarts a failing proxy as fast as it can spawn")
+            return
+    waits = sum(min(s.backoff_initial * 2.0 ** k, s.backoff_max) for k in range(s.max_restarts))
+    if s.restart_window <= waits:
+        r.problem("ISTIO_VM_RESTART_WINDOW", f"must be longer than the {waits:g}s the first ISTIO_VM_MAX_RESTARTS="
+                  f"{s.max_restarts} restarts wait (ISTIO_VM_BACKOFF_INITIAL doubling up to ISTIO_VM_BACKOFF_MAX): "
+                  "otherwise a proxy that exits at once is restarted forever, never reaching the crash-loop exit")

@@ -35,7 +35,8 @@ class Setting:
 
 
 _BOOL_19 = "1.9 silently treats an invalid boolean as false; istio-vm rejects it."
-_PORTS_19 = "1.9 passes any text to iptables; istio-vm rejects anything but ports 1-65535."
+_PORTS_19 = ("1.9 passes any text to iptables (which reads 015001 as octal); istio-vm rejects anything but "
+             "ports 1-65535 in plain decimal.")
 _CIDR_19 = ("1.9 silently ignores invalid items (including bare addresses without /len); istio-vm "
             "rejects them.")
 
@@ -120,7 +121,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", IPT, "", "Outbound TCP ports never captured.",
             v.port_list(wildcard=False), since_19=_PORTS_19),
     Setting("KUBE_VIRT_INTERFACES", IPT, "", "Interfaces whose inbound traffic is treated as outbound.",
-            v.interface_list),
+            v.interface_list, since_19="1.9 passes any text to iptables, where `+` means every interface; "
+            "istio-vm accepts only interface names."),
     Setting("ISTIO_META_DNS_CAPTURE", IPT, "false", "Default of REDIRECT_DNS.", v.boolean, since_19=_BOOL_19),
     Setting("REDIRECT_DNS", IPT, "<$ISTIO_META_DNS_CAPTURE>",
             "Capture DNS to the agent on 15053 (nameservers from resolv.conf).", v.boolean,
@@ -168,9 +170,13 @@ SETTINGS: tuple[Setting, ...] = (
             v.duration),
     Setting("ISTIO_VM_MAX_RESTARTS", U, "5", "Give up, with a distinct exit status, after this many restarts within "
             "ISTIO_VM_RESTART_WINDOW, so systemd's Restart= takes over.", v.integer(1, 1000)),
-    Setting("ISTIO_VM_RESTART_WINDOW", U, "300s", "Window of ISTIO_VM_MAX_RESTARTS.", v.duration),
+    Setting("ISTIO_VM_RESTART_WINDOW", U, "300s", "Window of ISTIO_VM_MAX_RESTARTS. Must be longer than the "
+            "backoff delays of ISTIO_VM_MAX_RESTARTS restarts together (31s with the defaults), so that a proxy "
+            "that exits at once always ends in the crash-loop exit; both backoff delays must be above 0.",
+            v.duration),
     Setting("ISTIO_LOG_TARGET", U, "<journal under systemd, else stderr>",
-            "`journal`, `stderr`, or `files` (1.9's istio.log / istio.err.log in ISTIO_LOG_DIR, appended).",
+            "`journal`, `stderr`, or `files` (1.9's istio.log / istio.err.log in ISTIO_LOG_DIR, appended; "
+            "checked before anything runs: EXEC_USER must be able to write them there).",
             v.choice("journal", "stderr", "files"),
             since_19="1.9 truncated istio.log at every start; istio-vm appends and reopens on SIGUSR1."),
     Setting("ISTIO_VM_RUN_DIR", U, "/run/istio-vm", "Lock and iptables state of istio-vm.", v.absolute_path),

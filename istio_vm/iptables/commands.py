@@ -17,6 +17,7 @@ from istio_vm.config import render
 from istio_vm.config.checks import go_bool
 from istio_vm.config.model import Config, Shell
 from istio_vm.config.resolve import lenient
+from istio_vm.errors import capped
 from istio_vm.iptables import apply
 from istio_vm.iptables.found import Owners
 from istio_vm.iptables.plan import build_plan
@@ -66,8 +67,8 @@ class CleanSettings:
         values, problems = lenient(shell, "ISTIO_CUSTOM_IP_TABLES", "ISTIO_IPTABLES_BACKEND", "ISTIO_VM_RUN_DIR",
                                    "DRY_RUN", "PROXY_UID", "PROXY_GID", "ENVOY_USER", "ISTIO_INBOUND_TPROXY_MARK",
                                    "KUBE_VIRT_INTERFACES")
-        for problem in problems:
-            log.warning("ignored for clean: %s", problem)
+        for line in capped(problems):
+            log.warning("ignored for clean: %s", line)
         uids = values["PROXY_UID"] or _uid_of(values["ENVOY_USER"])
         owners = Owners.of(uids=uids, gids=values["PROXY_GID"] or uids, marks=values["ISTIO_INBOUND_TPROXY_MARK"],
                            interfaces=values["KUBE_VIRT_INTERFACES"])

@@ -118,3 +118,13 @@ def test_trace_benchmark_reports_flows_per_second() -> None:
     assert result["flows"] == 2000
     assert min(result["floor_per_s"], result["trace_per_s"], result["cli_per_s_after_startup"]) > 0
     assert isinstance(result["goal_met"], bool)
+
+
+def test_config_fuzz_benchmark_runs_and_finds_nothing() -> None:
+    result = run_json(["-m", "benchmarks.fuzz_config", "--seeds", "1", "--cases", "100", "--cli", "5", "--json"],
+                      timeout=120)
+    assert result["in_process"]["cases"] == 100
+    assert result["in_process"]["violations"] == []
+    assert result["cli"]["violations"] == []
+    assert result["cli"]["reference_status"] == 0
+    assert result["in_process"]["baseline_seconds"] > 0

@@ -152,7 +152,7 @@ def test_unreadable_env_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     status, _, err = run(["--sidecar-env", "/nonexistent", "--cluster-env", str(tmp_path / "cluster.env"),
                           "config"], capsys)
     assert status == 78
-    assert f"istio-vm: config error: {tmp_path}/cluster.env: cannot read: Is a directory" in err
+    assert f"istio-vm: config error: {tmp_path}/cluster.env: not a regular file (a directory): not read" in err
 
 
 @pytest.mark.usefixtures("environ")
