@@ -125,6 +125,7 @@ class Supervision:
     restart_window: float
     log_target: str | None  # None: journal under systemd, else stderr
     run_dir: str
+    capture_policy: str = "fail-closed"  # ISTIO_VM_CAPTURE (iptables/parts.py: CapturePolicy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -285,6 +285,7 @@ def _supervision(r: _Resolver) -> Supervision:
         restart_window=seconds("ISTIO_VM_RESTART_WINDOW"),
         log_target=r.take("ISTIO_LOG_TARGET") or None,
         run_dir=r.take("ISTIO_VM_RUN_DIR"),
+        capture_policy=r.take("ISTIO_VM_CAPTURE") if r.ok("ISTIO_VM_CAPTURE") else "fail-closed",
     )
     _check_restart_budget(r, supervision)
     return supervision

@@ -174,6 +174,14 @@ SETTINGS: tuple[Setting, ...] = (
             "backoff delays of ISTIO_VM_MAX_RESTARTS restarts together (31s with the defaults), so that a proxy "
             "that exits at once always ends in the crash-loop exit; both backoff delays must be above 0.",
             v.duration),
+    Setting("ISTIO_VM_CAPTURE", U, "fail-closed",
+            "What capture does while no epoch of the proxy is ready: `fail-closed` (everything stays "
+            "captured, also while istio-vm itself is restarted by systemd, until the unit is stopped or "
+            "finally fails), `outbound-fail-open` (outbound TCP and DNS capture only while the proxy is "
+            "ready; inbound as fail-closed) or `fail-open` (all capture only while the proxy is ready). "
+            "docs/security.md says what each trades.", v.choice("fail-closed", "outbound-fail-open", "fail-open"),
+            since_19="1.9 had no policy: capture stayed while Envoy restarted and was left behind when "
+                     "the service stopped."),
     Setting("ISTIO_LOG_TARGET", U, "<journal under systemd, else stderr>",
             "`journal`, `stderr`, or `files` (1.9's istio.log / istio.err.log in ISTIO_LOG_DIR, appended; "
             "checked before anything runs: EXEC_USER must be able to write them there).",

@@ -15,6 +15,7 @@ Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it,
     restore_input  removal + plan per table: one iptables-restore input per family
     ip_batch       `ip` commands as `ip -batch` input, and their undo
     trace          `iptables trace`: one flow through mangle and nat as the kernel walks them, and why
+    parts          the plan in parts (inbound, outbound TCP + DNS) and ISTIO_VM_CAPTURE's policies
 Edge side (runs iptables and ip, reads /proc, writes the run dir):
     runner         Runner: every external command goes through it (tests swap in a fake)
     backend        nft or legacy, and the snapshot: one save per family

@@ -177,6 +177,13 @@ def test_legacy_termination_drain_duration_seconds(tmp_path: Path) -> None:
     assert config.supervision.termination_drain == 90.0
 
 
+def test_capture_policy_defaults_to_fail_closed(tmp_path: Path) -> None:
+    assert load_files(tmp_path).supervision.capture_policy == "fail-closed"
+    config = load_files(tmp_path, cluster="ISTIO_VM_CAPTURE=outbound-fail-open\n")
+    assert config.supervision.capture_policy == "outbound-fail-open"
+    assert config.value("ISTIO_VM_CAPTURE").source.endswith("cluster.env:1")
+
+
 def test_json_has_every_setting_with_value_and_source(tmp_path: Path) -> None:
     config = load_files(tmp_path, cluster="ISTIO_INBOUND_PORTS=8080\n")
     data = json.loads(render.render_json(config))
