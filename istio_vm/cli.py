@@ -77,10 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "configuration's, atomically per family; on any failure both families are "
                                  "restored as they were.")
     _add_resolv_conf(install)
-    actions.add_parser("clean", help="remove the Istio rules found on the host",
-                       description="Remove every Istio rule and chain found on the host (IPv4 and IPv6, nat "
-                       "and mangle) and the ip rule/route recorded by install; works even when the env "
-                       "files have errors now.")
+    clean = actions.add_parser("clean", help="remove the Istio rules found on the host",
+                               description="Remove every Istio rule and chain found on the host (IPv4 and IPv6, "
+                               "nat and mangle) and the ip rule/route recorded by install; works even when the "
+                               "env files have errors now.")
+    clean.add_argument("--unless-restarting", metavar="UNIT",
+                       help="keep the rules when systemd is about to start UNIT again (a crash with Restart=, "
+                            "systemctl restart) or an `istio-vm start` runs: the units' ExecStopPost= and "
+                            "OnFailure= (fail-closed capture)")
     verify_parser = actions.add_parser("verify", help="compare the live rules with this configuration's",
                                        description="Exit 0 when the Istio rules on the host are exactly "
                                        "this configuration's, 1 with a diff when they drift.")
@@ -188,7 +192,14 @@ def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
-    commands.clean(clean_settings(args))
+    settings = clean_settings(args)
+    if args.unless_restarting:
+        from istio_vm.service.unit_restart import clean_unless_restarting
+
+        clean_unless_restarting(args.unless_restarting, os.environ, lambda: commands.clean(settings),
+                                run_dir=settings.run_dir)
+        return ExitStatus.OK
+    commands.clean(settings)
     return ExitStatus.OK
 
 

@@ -16,4 +16,5 @@ Edge side (processes, signals, sockets, the privilege drop):
     signals        SignalQueue: handlers that only enqueue, and a wakeup fd for select
     privileges     the in-process privilege drop (groups, gid, uid, no_new_privs)
     notify         sd_notify(3) and the watchdog interval
+    unit_restart   will systemd start the unit again? (clean --unless-restarting: ExecStopPost=, OnFailure=)
 """

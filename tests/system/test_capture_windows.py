@@ -1,0 +1,166 @@
+"""ISTIO_VM_CAPTURE=fail-closed (the default) in a real systemd: no window where traffic bypasses the proxy.
+
+An ordinary user (nobody) in the container connects to a destination outside (testbed/app.py in a client
+network namespace) in a loop, while istio-vm is SIGKILLed and restarted by systemd, and across
+`systemctl restart`: every connection is captured (refused: nothing listens on 15001 in agent mode), none
+reaches the destination directly. A crash loop that exhausts the restarts, a stop while systemd waits to
+restart, and `systemctl stop` leave no rule. See docs/systemd.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import PurePosixPath
+from typing import Any
+
+from testbed import systemd_container as sc
+from testbed.wait import wait_for
+from tests.system.container_vm import (
+    CLIENT_IP,
+    CLIENT_NS,
+    SUPPORT,
+    SYSTEMD_TIER,
+    UNIT,
+    Vm,
+    agent_mode,
+    assert_rules_are_the_plan,
+    start,
+)
+from tests.system.test_systemd_service import client_network
+
+pytestmark = SYSTEMD_TIER
+CLEANUP = "istio-sidecar-cleanup.service"
+PROBES = PurePosixPath("/var/tmp/probes.jsonl")
+PROBE_STOP = PurePosixPath("/var/tmp/probes.stop")
+
+
+def destination(vm: Vm) -> None:
+    """The app on CLIENT_IP:8080 in the client namespace: "outside" for the VM, reached by its routes."""
+    client_network(vm)
+    vm.write(SUPPORT / "app.py", (sc.PROJECT_DIR / "testbed/app.py").read_text())
+    vm.write(SUPPORT / "probe.py", (sc.PROJECT_DIR / "testbed/probe.py").read_text())
+    vm.c.run(["systemd-run", "--unit=destination", "ip", "netns", "exec", CLIENT_NS, "python3",
+              f"{SUPPORT}/app.py", "--host", CLIENT_IP, "--port", "8080", "--quiet"])
+    vm.c.wait_for_journal(lambda e: e.get("MESSAGE", "").startswith("app: listening"), "--unit", "destination.service")
+
+
+def probes(vm: Vm) -> list[dict[str, Any]]:
+    path = vm.c.path(PROBES)
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines[:-1]]  # the last line may be half-written
+
+
+@contextmanager
+def probing(vm: Vm) -> Iterator[list[dict[str, Any]]]:
+    """nobody's connections to the destination in a loop (a transient unit) for the duration; the outcomes."""
+    for p in (PROBES, PROBE_STOP):
+        vm.c.path(p).unlink(missing_ok=True)
+    vm.c.run(["systemd-run", "--unit=probe", "--uid=nobody", "python3", f"{SUPPORT}/probe.py", CLIENT_IP, "8080",
+              str(PROBES), str(PROBE_STOP)])
+    outcomes: list[dict[str, Any]] = []
+    try:
+        wait_for(lambda: len(probes(vm)) > 20, 30, "the first probes")
+        yield outcomes
+    finally:
+        vm.write(PROBE_STOP, "")
+        wait_for(lambda: vm.c.systemctl("is-active", "probe.service", check=False).stdout.strip() != "active",
+                 30, "the probe to stop")
+        outcomes += probes(vm)
+
+
+def journal_time(entry: dict[str, Any]) -> float:
+    return int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
+
+
+def test_fail_closed_keeps_capture_across_sigkill_of_istio_vm_and_systemctl_restart(vm: Vm) -> None:
+    agent_mode(vm)
+    destination(vm)
+    before = vm.rules()
+    with probing(vm) as direct_before:
+        pass
+    assert {p["outcome"] for p in direct_before} == {"direct"}  # without istio-vm the probe reaches it
+
+    start(vm)
+    with probing(vm) as outcomes:
+        # 1. SIGKILL of istio-vm itself: systemd restarts it after RestartSec (5 s); the rules stay.
+        daemon = vm.show("MainPID")["MainPID"]
+        killed = time.clock_gettime(time.CLOCK_MONOTONIC)
+        vm.c.run(["kill", "-KILL", daemon])
+        kept = vm.wait(lambda e: e.get("ISTIO_CAPTURE") == "kept")
+        assert "Restart=on-failure restarts after signal (killed KILL)" in kept["MESSAGE"]
+        assert kept["_UID"] == "0"
+        wait_for(lambda: vm.show("NRestarts", "ActiveState") == {"NRestarts": "1", "ActiveState": "active"},
+                 60, "systemd's restart of istio-vm")
+        assert vm.show("MainPID")["MainPID"] != daemon
+        back = time.clock_gettime(time.CLOCK_MONOTONIC)
+        assert_rules_are_the_plan(vm)
+
+        # 2. systemctl restart: stop (drain), then start; the rules stay in between.
+        vm.c.systemctl("restart", UNIT, timeout=120)
+        restarted = time.clock_gettime(time.CLOCK_MONOTONIC)
+        kept_entries = [e for e in vm.journal() if e.get("ISTIO_CAPTURE") == "kept"]
+        assert len(kept_entries) == 2
+        assert kept_entries[1]["MESSAGE"].endswith("a restart job is queued")
+        wait_for(lambda: len(probes(vm)) > len([p for p in probes(vm) if p["t"] < restarted]) + 20, 30,
+                 "probes after the restart")
+    assert_rules_are_the_plan(vm)
+    assert not [e for e in vm.journal() if e["MESSAGE"].startswith("iptables clean: ")]
+
+    seen = {p["outcome"] for p in outcomes}
+    assert "direct" not in seen, [p for p in outcomes if p["outcome"] == "direct"][:5]
+    assert seen == {"refused"}
+    # The loop ran through both windows, densely.
+    assert outcomes[0]["t"] < killed
+    assert outcomes[-1]["t"] > restarted
+    window = [p for p in outcomes if killed <= p["t"] <= back]
+    assert len(window) > 100
+    print(f"\n{len(outcomes)} connections by nobody, SIGKILL window {back - killed:.1f}s ({len(window)}), "
+          "none reached the destination directly")
+
+    # 3. stop: ExecStopPost cleans; the probe reaches the destination directly again.
+    vm.c.systemctl("stop", UNIT, timeout=60)
+    assert vm.rules() == before
+    [clean] = [e for e in vm.journal() if e["MESSAGE"].startswith("iptables clean: ")]
+    assert clean["_UID"] == "0"
+    with probing(vm) as after:
+        pass
+    assert {p["outcome"] for p in after} == {"direct"}
+
+
+def test_crash_loop_that_exhausts_the_restarts_and_stop_during_auto_restart_leave_no_rule(vm: Vm) -> None:
+    # Every start of the proxy crashes: istio-vm gives up (exit 3) and systemd restarts it until the
+    # start limit (5 in 10 min). RestartSec is shortened by a drop-in only to keep the test short.
+    agent_mode(vm, DOUBLE_CRASH_AT_START="1", ISTIO_VM_MAX_RESTARTS="1")
+    vm.write(PurePosixPath(f"/etc/systemd/system/{UNIT}.d/test.conf"), "[Service]\nRestartSec=0.3s\n")
+    vm.c.systemctl("daemon-reload")
+    before = vm.rules()
+    vm.c.systemctl("start", UNIT, check=False, timeout=120)
+    wait_for(lambda: vm.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail for good")
+    # systemd 252 refuses the 6th start (StartLimitBurst=5): failed with the last run's result.
+    assert vm.show("Result", "NRestarts", "ExecMainStatus") == {
+        "Result": "exit-code", "NRestarts": "5", "ExecMainStatus": "3"}
+    kept = [e["MESSAGE"] for e in vm.journal() if e.get("ISTIO_CAPTURE") == "kept"]
+    # Five starts (StartLimitBurst), each exit 3 kept the rules for the next, the last one too; then
+    # "Start request repeated too quickly", failed, OnFailure= cleaned.
+    assert len(kept) == 5, kept
+    wait_for(lambda: vm.c.systemctl("show", "--property=ActiveState", "--value", CLEANUP).stdout.strip()
+             == "inactive" and vm.c.journal("--unit", CLEANUP), 30, "the cleanup unit")
+    [clean] = [e for e in vm.c.journal("--unit", CLEANUP) if e["MESSAGE"].startswith("iptables clean: ")]
+    assert clean["_UID"] == "0"
+    assert vm.rules() == before
+
+    # Stopped while systemd waits to restart it (SIGKILL, then stop within RestartSec): no rule either.
+    vm.c.systemctl("reset-failed", UNIT)
+    vm.write(PurePosixPath(f"/etc/systemd/system/{UNIT}.d/test.conf"), "[Service]\nRestartSec=30s\n")
+    vm.c.systemctl("daemon-reload")
+    agent_mode(vm)
+    start(vm)
+    vm.c.run(["kill", "-KILL", vm.show("MainPID")["MainPID"]])
+    wait_for(lambda: vm.show("SubState")["SubState"] == "auto-restart", 30, "auto-restart")
+    assert vm.rules() != before
+    vm.c.systemctl("stop", UNIT)
+    wait_for(lambda: vm.rules() == before, 30, "the cleanup after a stop during auto-restart")
+    assert vm.show("ActiveState")["ActiveState"] in ("failed", "inactive")
