@@ -23,5 +23,6 @@ Edge side (runs iptables and ip, reads /proc, writes the run dir):
     apply          install_plan() and clean_host(), with rollback to the snapshot
     verify         compare(): live rules against the plan, in canonical form
     canonical_netns  verify's scratch network namespace: the plan restored and saved there by a shell
+    capture_state  the capture parts the running service says should be on (run dir), for verify
     commands       install, clean and verify as istio-start.sh ran them (custom, dry run, logs)
 """

@@ -18,8 +18,9 @@ from istio_vm.config.checks import go_bool
 from istio_vm.config.model import Config, Shell
 from istio_vm.config.resolve import lenient
 from istio_vm.errors import capped
-from istio_vm.iptables import apply
+from istio_vm.iptables import apply, capture_state
 from istio_vm.iptables.found import Owners
+from istio_vm.iptables.parts import describe_parts, plan_with
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
@@ -92,6 +93,8 @@ def clean(settings: CleanSettings) -> apply.Report | None:
         return None
     report = apply.clean_host(backend=settings.backend, run_dir=settings.run_dir, dry_run=settings.dry_run,
                               owners=settings.owners)
+    if not settings.dry_run:
+        capture_state.remove_expected(settings.run_dir)
     _log_report("clean", report)
     return report
 
@@ -99,7 +102,14 @@ def clean(settings: CleanSettings) -> apply.Report | None:
 def verify(config: Config) -> VerifyResult:
     from istio_vm.iptables.verify import compare
 
-    return compare(build_plan(config.capture), backend=config.iptables.backend, run_dir=config.supervision.run_dir,
+    plan = build_plan(config.capture)
+    recorded = capture_state.read_expected(config.supervision.run_dir)
+    if recorded is not None:  # a fail-open policy's service switched parts: compare with what it says is on
+        policy, on = recorded
+        log.info("capture: %s by ISTIO_VM_CAPTURE=%s (%s/%s)", describe_parts(on), policy,
+                 config.supervision.run_dir, capture_state.CAPTURE_FILE)
+        plan = plan_with(plan, on)
+    return compare(plan, backend=config.iptables.backend, run_dir=config.supervision.run_dir,
                    owners=owners_of(config))
 
 

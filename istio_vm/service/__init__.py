@@ -16,5 +16,6 @@ Edge side (processes, signals, sockets, the privilege drop):
     signals        SignalQueue: handlers that only enqueue, and a wakeup fd for select
     privileges     the in-process privilege drop (groups, gid, uid, no_new_privs)
     notify         sd_notify(3) and the watchdog interval
+    capture_helper  the fail-open policies' root helper (CAP_NET_ADMIN, NET_RAW only): on/off PART requests
     unit_restart   will systemd start the unit again? (clean --unless-restarting: ExecStopPost=, OnFailure=)
 """

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
+from istio_vm.service.capture_helper import CaptureHelper
 from istio_vm.service.machine import (
     Action,
     CountConnections,
@@ -23,6 +25,7 @@ from istio_vm.service.machine import (
     KillTree,
     Notify,
     ProbeReady,
+    SetCapture,
     Signal,
     Spawn,
     State,
@@ -68,6 +71,8 @@ class Loop:
     watchdog_interval: float | None = None  # half of systemd's WATCHDOG_USEC
     selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
     _next_watchdog: float | None = field(init=False, default=None)
+    capture: CaptureHelper | None = None  # the fail-open policies' privileged helper
+    _capture_on: frozenset[Part] = field(init=False, default=ALL_PARTS)
 
     def run(self, signals: SignalQueue) -> int:
         """Supervise until the proxy is stopped (or given up on); the exit status of istio-vm."""
@@ -160,7 +165,8 @@ class Loop:
                 case Signal(pid=pid, signal=signum):
                     self.ops.signal(pid, signum)
                 case KillTree(pid=pid):
-                    self.ops.kill_tree(pid, keep=self.supervisor.epochs.keys())
+                    helper = () if self.capture is None else (self.capture.pid,)  # its own session: spared
+                    self.ops.kill_tree(pid, keep=[*self.supervisor.epochs.keys(), *helper])
                 case Drain():
                     self.admin.drain()
                 case ProbeReady(epoch=epoch, restart_epoch=restart_epoch):
@@ -170,6 +176,28 @@ class Loop:
                     self._execute(self.supervisor.connections(self.admin.active_connections()))
                 case Notify(message=message):
                     self.notifier.send(message)
+                case SetCapture(on=on, reason=reason):
+                    self._set_capture(on, reason)
+
+    def _set_capture(self, on: frozenset[Part], reason: str) -> None:
+        """Ask the helper for each part that changes; one journal entry with the new state and the time taken."""
+        if self.capture is None:
+            return
+        began = self.clock()
+        try:
+            for part in sorted(ALL_PARTS):
+                if (part in on) != (part in self._capture_on):
+                    self.capture.switch(part, part in on)
+                    self._capture_on = self._capture_on | {part} if part in on else self._capture_on - {part}
+        except OSError as e:
+            log.error("Capture not switched to %s (%s): %s; now %s", describe_parts(on), reason, e,
+                      describe_parts(self._capture_on), extra={"ISTIO_EVENT": "capture",
+                                                                "ISTIO_CAPTURE": describe_parts(self._capture_on)})
+            return
+        took = (self.clock() - began) * 1000
+        log.info("Capture: %s (%s), %.1f ms", describe_parts(on), reason, took,
+                 extra={"ISTIO_EVENT": "capture", "ISTIO_CAPTURE": describe_parts(on),
+                        "ISTIO_CAPTURE_MS": f"{took:.1f}"})
 
     def _spawn(self, epoch: int, restart_epoch: int) -> None:
         argv = self.command.argv(restart_epoch)

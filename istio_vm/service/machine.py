@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from istio_vm.config.model import Supervision
 from istio_vm.errors import ExitStatus
+from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Policy:
     probe_patient_after: float = 30.0
     probe_interval: float = 0.5
     poll_interval: float = 0.25  # active-connection polls while draining
+    capture_follows: frozenset[Part] = frozenset()  # ISTIO_VM_CAPTURE's parts on only while an epoch is ready
 
     @classmethod
     def of(cls, supervision: Supervision, *, hot_restart: bool) -> Policy:
@@ -116,7 +118,15 @@ class Notify:
     message: str  # sd_notify(3) text, e.g. "READY=1", "STATUS=..."
 
 
-Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify
+@dataclass(frozen=True, slots=True)
+class SetCapture:
+    """Exactly these capture parts on (the fail-open policies' helper switches the others off)."""
+
+    on: frozenset[Part]
+    reason: str  # for the journal, e.g. "epoch 1 ready"
+
+
+Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify | SetCapture
 
 
 @dataclass(slots=True)
@@ -166,10 +176,11 @@ class Supervisor:
     _probe_delay: float = field(init=False, default=0.0)  # the last delay between two readiness probes
     _forced: bool = field(init=False, default=False)  # the tree had to be killed
     _killed: set[int] = field(init=False, default_factory=set)  # epochs' pids we SIGKILLed ourselves
+    capture: frozenset[Part] = field(init=False, default=ALL_PARTS)  # what install put in, then SetCapture's
 
     # ---- events -----------------------------------------------------------------------------
     def start(self) -> list[Action]:
-        return self._spawn(restart_epoch=0)
+        return [*self._set_capture(ready=False, reason="no epoch ready yet"), *self._spawn(restart_epoch=0)]
 
     def spawned(self, epoch: int, pid: int) -> list[Action]:
         record = self._epoch_by_number(epoch)
@@ -193,7 +204,7 @@ class Supervisor:
         self._next_probe = None
         log.info("Epoch %s ready, pid %s", epoch, record.pid,
                  extra={"ISTIO_EVENT": "ready", "ISTIO_EPOCH": epoch, "ISTIO_CHILD_PID": record.pid})
-        actions: list[Action] = []
+        actions: list[Action] = self._set_capture(ready=True, reason=f"epoch {epoch} ready")
         if self.state in (State.STARTING, State.RELOADING):
             self._enter(State.RUNNING)
             actions.append(Notify("READY=1"))
@@ -216,7 +227,7 @@ class Supervisor:
         if record is not self.current:
             level = logging.INFO if exited_cleanly(status) else logging.WARNING
             log.log(level, "Epoch %s (previous) exited: %s", record.number, reason, extra=extra)
-            return [self._status()]
+            return [*self._lift_if_none_ready(f"epoch {record.number} exited"), self._status()]
         log.error("Epoch %s exited: %s", record.number, reason, extra=extra)
         return self._lost(record, reason)
 
@@ -236,7 +247,9 @@ class Supervisor:
         if not live:
             log.info("Stop requested while no proxy runs", extra={"ISTIO_EVENT": "drain"})
             return [Notify("STOPPING=1"), *self._finish(clean=True)]
-        actions: list[Action] = [Notify("STOPPING=1")]
+        # The open policies lift before the proxy stops: new connections go straight through, not to a
+        # proxy that is about to close its listeners.
+        actions: list[Action] = [Notify("STOPPING=1"), *self._set_capture(ready=False, reason="stopping")]
         if self.policy.hot_restart:
             self._enter(State.DRAINING, deadline=now + self.policy.termination_drain)
             self._next_probe = now
@@ -361,9 +374,11 @@ class Supervisor:
                       len(self._budget.failures), self.policy.restart_window, self.policy.max_restarts, reason,
                       extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": record.number})
             self.current = None
-            return [*actions, *self._kill_epochs(), *self._finish(status=ExitStatus.CRASH_LOOP)]
+            return [*actions, *self._set_capture(ready=False, reason="giving up"), *self._kill_epochs(),
+                    *self._finish(status=ExitStatus.CRASH_LOOP)]
         delay = self._budget.delay(now - record.started >= self.policy.backoff_reset, self.policy)
         self.current = None
+        actions += self._lift_if_none_ready(f"epoch {record.number} exited")
         self.restarts += 1
         self._enter(State.BACKOFF, deadline=now + delay)
         self._next_probe = None
@@ -387,8 +402,25 @@ class Supervisor:
         self._next_probe = None
         return [self._status()]
 
+    def _set_capture(self, *, ready: bool, reason: str) -> list[Action]:
+        """SetCapture when the policy has parts that follow the proxy and they change; else nothing."""
+        if not self.policy.capture_follows:
+            return []
+        on = ALL_PARTS if ready else ALL_PARTS - self.policy.capture_follows
+        if on == self.capture:
+            return []
+        self.capture = on
+        return [SetCapture(on, reason)]
+
+    def _lift_if_none_ready(self, reason: str) -> list[Action]:
+        """The last ready epoch is gone (a hot restart's parent still serving counts as ready): lift."""
+        if any(e.ready for e in self.epochs.values()) or (self.current is not None and self.current.ready):
+            return []
+        return self._set_capture(ready=False, reason=reason)
+
     def _status(self) -> Notify:
-        return Notify(f"STATUS={self.status_text()}")
+        capture = f", capture: {describe_parts(self.capture)}" if self.policy.capture_follows else ""
+        return Notify(f"STATUS={self.status_text()}{capture}")
 
     def status_text(self) -> str:
         restarts = f"{self.restarts} restart{'' if self.restarts == 1 else 's'}"

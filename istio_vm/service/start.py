@@ -7,16 +7,21 @@ lock -> iptables clean + install (root) -> drop privileges -> supervise -> exit 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import resource
 import signal
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from istio_vm import __version__, trust
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
+
+if TYPE_CHECKING:
+    from istio_vm.service.capture_helper import CaptureHelper
 
 log = logging.getLogger(__name__)
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
@@ -98,11 +103,10 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
     with run_lock(config.supervision.run_dir):
         if mode != "init":
             check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
-        if mode in ("", "init"):
-            install_iptables(config)
+        installed = install_iptables(config) if mode in ("", "init") else None
         if mode == "init":
             return ExitStatus.OK
-        return supervise(config)
+        return supervise(config, capture=installed is not None and not config.iptables.dry_run)
 
 
 def check_root_proxy(config: Config) -> None:
@@ -120,13 +124,31 @@ def check_root_proxy(config: Config) -> None:
         trust.check_root_path(path, f"{what} (the proxy runs as root)")
 
 
-def supervise(config: Config) -> int:
+def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | None:
+    """The privileged helper, for a policy with parts that follow the proxy and rules we installed."""
+    from istio_vm.iptables.parts import CapturePolicy
+    from istio_vm.iptables.plan import build_plan
+    from istio_vm.service.capture_helper import start_helper
+
+    policy = CapturePolicy(config.supervision.capture_policy)
+    if not policy.follows_proxy:
+        return None
+    if not installed:
+        log.warning("ISTIO_VM_CAPTURE=%s: no rules were installed by this start, so capture does not follow "
+                    "the proxy", policy)
+        return None
+    return start_helper(build_plan(config.capture), policy=str(policy), run_dir=config.supervision.run_dir,
+                        backend=config.iptables.backend)
+
+
+def supervise(config: Config, *, capture: bool = False) -> int:
     """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
 
     The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
     reload` do not pay for them (psutil, http.client, systemd).
     """
     from istio_vm import logs
+    from istio_vm.iptables.parts import CapturePolicy
     from istio_vm.service import privileges, processes
     from istio_vm.service.loop import SIGNALS, Loop
     from istio_vm.service.machine import Policy, Supervisor
@@ -146,15 +168,22 @@ def supervise(config: Config) -> int:
     children = processes.open_children_file(config.supervision.run_dir)
     if command.shared_memory is not None:
         processes.remove_foreign(command.shared_memory, identity.uid)
+    helper = capture_helper_for(config, installed=capture)  # before the drop: it stays root (NET_ADMIN/RAW only)
     privileges.drop_to(identity)
     output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
                          log_dir=config.agent.log_dir)
-    supervisor = Supervisor(Policy.of(config.supervision, hot_restart=command.hot_restart))
+    policy = Policy.of(config.supervision, hot_restart=command.hot_restart)
+    if helper is not None:
+        policy = dataclasses.replace(policy, capture_follows=CapturePolicy(config.supervision.capture_policy)
+                                     .follows_proxy)
+    supervisor = Supervisor(policy)
     try:
         with captured((*SIGNALS, signal.SIGCHLD)) as queue:  # SIGCHLD wakes the loop's select
             loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
-                        watchdog_interval=watchdog_interval(os.environ, os.getpid()))
+                        watchdog_interval=watchdog_interval(os.environ, os.getpid()), capture=helper)
             return loop.run(queue)
     finally:
         output.close()
         os.close(children)
+        if helper is not None:
+            helper.close()
