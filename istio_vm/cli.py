@@ -197,7 +197,7 @@ def cmd_iptables_clean(args: argparse.Namespace) -> ExitStatus:
         from istio_vm.service.unit_restart import clean_unless_restarting
 
         clean_unless_restarting(args.unless_restarting, os.environ, lambda: commands.clean(settings),
-                                run_dir=settings.run_dir)
+                                run_dir=settings.run_dir, lift=lambda: commands.lift(load_config(args)))
         return ExitStatus.OK
     commands.clean(settings)
     return ExitStatus.OK

@@ -20,7 +20,7 @@ from istio_vm.config.resolve import lenient
 from istio_vm.errors import capped
 from istio_vm.iptables import apply, capture_state
 from istio_vm.iptables.found import Owners
-from istio_vm.iptables.parts import describe_parts, plan_with
+from istio_vm.iptables.parts import CapturePolicy, describe_parts, plan_with
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
@@ -48,10 +48,21 @@ def install(config: Config) -> apply.Report | None:
     return report
 
 
-def owners_of(config: Config) -> Owners:
-    """The values this configuration gives 1.9's built-in-chain rules (found.Owners)."""
-    c = config.capture
-    return Owners.of(uids=c.proxy_uid, gids=c.proxy_gid, marks=c.inbound_tproxy_mark, interfaces=c.kubevirt_interfaces)
+def lift(config: Config) -> apply.Report | None:
+    """The parts of ISTIO_VM_CAPTURE's policy that follow the proxy off, the others as installed: for the
+    time systemd takes to restart istio-vm (fail-closed: nothing to do)."""
+    policy = CapturePolicy(config.supervision.capture_policy)
+    if not policy.follows_proxy or config.iptables.custom or config.iptables.skip_rule_apply:
+        return None
+    on = policy.parts(proxy_ready=False)
+    report = apply.install_plan(plan_with(build_plan(config.capture), on), backend=config.iptables.backend,
+                                run_dir=config.supervision.run_dir, dry_run=config.iptables.dry_run,
+                                owners=owners_of(config))
+    if not config.iptables.dry_run:
+        capture_state.write_expected(config.supervision.run_dir, str(policy), on)
+    log.info("capture: %s until istio-vm is back (ISTIO_VM_CAPTURE=%s)", describe_parts(on), policy,
+             extra={"ISTIO_EVENT": "capture", "ISTIO_CAPTURE": describe_parts(on)})
+    return report
 
 
 @dataclass(frozen=True, slots=True)

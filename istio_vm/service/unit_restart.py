@@ -94,8 +94,10 @@ def _systemctl(args: list[str]) -> str:
 
 
 def clean_unless_restarting(unit: str, environ: Mapping[str, str], clean: Callable[[], object], *,
-                            run_dir: str, facts: Callable[[], UnitFacts] | None = None) -> None:
-    """Clean, unless systemd is about to start `unit` again or an `istio-vm start` runs."""
+                            run_dir: str, facts: Callable[[], UnitFacts] | None = None,
+                            lift: Callable[[], object] = lambda: None) -> None:
+    """Clean, unless systemd is about to start `unit` again or an `istio-vm start` runs; when it restarts,
+    `lift` the parts the capture policy keeps on only while a proxy is ready (none for fail-closed)."""
     from istio_vm.service.start import run_lock
 
     try:
@@ -105,6 +107,11 @@ def clean_unless_restarting(unit: str, environ: Mapping[str, str], clean: Callab
         reason = None
     if reason is not None:
         log.info("iptables kept: %s: %s", unit, reason, extra={"ISTIO_EVENT": "capture", "ISTIO_CAPTURE": "kept"})
+        try:
+            lift()
+        except Exception as e:  # a broken config now, a failed restore: better no capture than a dead proxy's
+            log.warning("cannot lift the parts that follow the proxy (%s): cleaning", e)
+            clean()
         return
     try:
         with run_lock(run_dir):  # an `istio-vm start` begun meanwhile waits for us (or exits 4): no race

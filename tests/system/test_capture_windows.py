@@ -21,6 +21,7 @@ from testbed.wait import wait_for
 from tests.system.container_vm import (
     CLIENT_IP,
     CLIENT_NS,
+    READY_GATE,
     SUPPORT,
     SYSTEMD_TIER,
     UNIT,
@@ -164,3 +165,39 @@ def test_crash_loop_that_exhausts_the_restarts_and_stop_during_auto_restart_leav
     vm.c.systemctl("stop", UNIT)
     wait_for(lambda: vm.rules() == before, 30, "the cleanup after a stop during auto-restart")
     assert vm.show("ActiveState")["ActiveState"] in ("failed", "inactive")
+
+
+def test_outbound_fail_open_follows_the_proxy_under_systemd_with_a_net_caps_only_helper(vm: Vm) -> None:
+    agent_mode(vm, ready_gate=True, ISTIO_VM_CAPTURE="outbound-fail-open")
+    vm.write(READY_GATE, "")
+    first = start(vm)
+    daemon = int(vm.show("MainPID")["MainPID"])
+    assert vm.show("StatusText")["StatusText"] == f"epoch 0 running, pid {first}, 0 restarts, capture: all"
+    events = [(e["MESSAGE"], e["ISTIO_CAPTURE"]) for e in vm.journal("ISTIO_EVENT=capture") if "ISTIO_CAPTURE" in e]
+    assert [m.split(",")[0] for m, _ in events] == ["Capture: inbound only (no epoch ready yet)",
+                                                   "Capture: all (epoch 0 ready)"]
+    # The helper: root with CAP_NET_ADMIN and CAP_NET_RAW only, in the unit, a child of istio-vm.
+    [helper] = [int(p) for p in vm.c.run(["ps", "-o", "pid=", "--ppid", str(daemon)]).stdout.split()
+                if vm.uid_of(p) == 0]
+    status = dict(line.split(":\t", 1) for line in vm.c.run(["cat", f"/proc/{helper}/status"]).stdout.splitlines()
+                  if ":\t" in line)
+    assert status["Uid"].split() == ["0"] * 4
+    assert (status["CapEff"], status["CapPrm"], status["CapBnd"]) == ("0000000000003000",) * 3
+    assert vm.istio_vm("iptables", "verify", check=False).returncode == 0
+
+    # The proxy dies, the next epoch is held unready: outbound lifted, the unit stays active and says so.
+    vm.c.path(READY_GATE).unlink()
+    vm.c.run(["kill", "-KILL", str(first)])
+    lifted = vm.wait(lambda e: e.get("ISTIO_CAPTURE") == "inbound only" and "epoch 0 exited" in e["MESSAGE"])
+    assert float(lifted["ISTIO_CAPTURE_MS"]) < 500
+    assert vm.istio_vm("iptables", "verify", check=False).returncode == 0  # against the recorded state
+    assert "-j ISTIO_REDIRECT" not in vm.c.run(["iptables-save", "-t", "nat"]).stdout.split("ISTIO_OUTPUT -d 127")[1]
+    wait_for(lambda: "capture: inbound only" in vm.show("StatusText")["StatusText"], 10, "STATUS=")
+    assert "capture: inbound only" in vm.c.systemctl("status", UNIT, check=False).stdout
+    assert vm.show("ActiveState")["ActiveState"] == "active"
+    vm.write(READY_GATE, "")
+    vm.wait(lambda e: e.get("ISTIO_CAPTURE") == "all" and "epoch 1 ready" in e["MESSAGE"])
+    assert vm.istio_vm("iptables", "verify", check=False).returncode == 0
+    vm.c.systemctl("stop", UNIT, timeout=60)
+    stopping = [e["MESSAGE"] for e in vm.journal("ISTIO_EVENT=capture") if "(stopping)" in e["MESSAGE"]]
+    assert len(stopping) == 1
