@@ -4,8 +4,12 @@ and it is gone within 1 s of a SIGKILL of the supervisor."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from testbed.netns import CLIENT_V4, VM_V4, Pair, pair
 from testbed.service import REFERENCE_CLUSTER_ENV, Service, ensure_user, service
 from testbed.wait import process_gone, wait_for
 
@@ -105,7 +110,7 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
     wait_for(lambda: len(svc.records("start")) == 2, 10, "the next epoch")
     (svc.workdir / "ready").touch()
     wait_for(lambda: parts_on(svc) == {"inbound", "outbound"}, 10, "the reinstall on ready")
-    assert "Capture: all (epoch 1 ready)" in svc.log()
+    wait_for(lambda: "Capture: all (epoch 1 ready)" in svc.log(), 5, "the capture entry")  # logged once done
 
     # SIGKILL of the supervisor: the helper follows within 1 s (PR_SET_PDEATHSIG), no root process of ours left.
     os.kill(svc.daemon_pid(), signal.SIGKILL)
@@ -114,3 +119,121 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
     print(f"\nhelper gone {1000 * (time.monotonic() - killed):.0f} ms after SIGKILL of the supervisor")
     assert not [p for p in svc.processes() if p.uids().real == 0]
     assert svc.wait_exit(10)[0] == -signal.SIGKILL
+
+
+# ---- traffic: where an ordinary user's connections and lookups, and inbound connections, land -------------
+
+APP_UID = 12345
+PHASES = ("before ready", "after ready", "outage", "after recovery")
+
+
+@contextlib.contextmanager
+def resolv_conf(netns: str, nameserver: str) -> Iterator[None]:
+    """`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf: the VM's nameserver."""
+    directory = Path("/etc/netns") / netns
+    directory.mkdir(parents=True)
+    try:
+        (directory / "resolv.conf").write_text(f"nameserver {nameserver}\n")
+        yield
+    finally:
+        shutil.rmtree(directory)
+
+
+def landed(*listeners: tuple[str, socket.socket]) -> str:
+    """The name of the listener that got the connection or datagram (accepting/reading it), or "nowhere"."""
+    ready, _, _ = select.select([s for _, s in listeners], [], [], 3)
+    if not ready:
+        return "nowhere"
+    [(name, s)] = [(n, s) for n, s in listeners if s is ready[0]]
+    if s.type == socket.SOCK_STREAM:
+        s.accept()[0].close()
+    else:
+        s.recv(512)
+    return name
+
+
+def observe(p: Pair) -> dict[str, str]:
+    """Outbound TCP and a UDP DNS query by an ordinary user of the VM, and an inbound connection from the client."""
+    s = listeners(p)
+    result = {}
+
+    def outbound() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((CLIENT_V4, 8000), timeout=3).close()
+
+    def dns() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as q:
+            q.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x01", (CLIENT_V4, 53))
+
+    def inbound() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((VM_V4, 8080), timeout=3).close()
+
+    p.vm.call(outbound, uid=APP_UID)
+    result["outbound"] = landed(("proxy", s["15001"]), ("destination", s["dest"]))
+    p.vm.call(dns, uid=APP_UID)
+    result["dns"] = landed(("proxy", s["15053"]), ("destination", s["dns"]))
+    p.client.call(inbound)
+    result["inbound"] = landed(("proxy", s["15006"]), ("destination", s["app"]))
+    return result
+
+
+_LISTENERS: dict[str, dict[str, socket.socket]] = {}
+
+
+def listeners(p: Pair) -> dict[str, socket.socket]:
+    """The proxy's ports in the VM (what a captured connection reaches), the app, and the outside services."""
+    if p.vm.name not in _LISTENERS:
+        made = {}
+        for name, ns, address, port, kind in (
+                ("15001", p.vm, "0.0.0.0", 15001, socket.SOCK_STREAM), ("15006", p.vm, "0.0.0.0", 15006,
+                                                                           socket.SOCK_STREAM),
+                ("15053", p.vm, "0.0.0.0", 15053, socket.SOCK_DGRAM), ("app", p.vm, VM_V4, 8080, socket.SOCK_STREAM),
+                ("dest", p.client, CLIENT_V4, 8000, socket.SOCK_STREAM), ("dns", p.client, CLIENT_V4, 53,
+                                                                           socket.SOCK_DGRAM)):
+            with ns.entered():
+                s = socket.socket(socket.AF_INET, kind)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((address, port))
+                if kind == socket.SOCK_STREAM:
+                    s.listen(16)
+            made[name] = s
+        _LISTENERS[p.vm.name] = made
+    return _LISTENERS[p.vm.name]
+
+
+@pytest.mark.parametrize("policy", ["fail-closed", "outbound-fail-open", "fail-open"])
+def test_traffic_lands_where_the_policy_says_in_every_phase(policy: str) -> None:
+    ensure_user("istio-proxy")
+    down = {"fail-closed": {"outbound": "proxy", "dns": "proxy", "inbound": "proxy"},
+            "outbound-fail-open": {"outbound": "destination", "dns": "destination", "inbound": "proxy"},
+            "fail-open": {"outbound": "destination", "dns": "destination", "inbound": "destination"}}[policy]
+    up = {"outbound": "proxy", "dns": "proxy", "inbound": "proxy"}
+    with pair() as p, resolv_conf(p.vm.name, CLIENT_V4), service(
+            {"ISTIO_VM_BACKOFF_INITIAL": "0.2s", "TERMINATION_DRAIN_DURATION": "1s"}, netns=p.vm.name) as svc:
+        try:
+            svc.env.pop("ISTIO_CUSTOM_IP_TABLES")
+            svc.env.pop("PROXY_UID")
+            gate = svc.workdir / "ready"
+            svc.env["DOUBLE_READY_FILE"] = str(gate)
+            svc.write_env(REFERENCE_CLUSTER_ENV.read_text() + f"ISTIO_VM_CAPTURE={policy}\n")
+            seen = {}
+            svc.start()
+            wait_for(lambda: svc.records("start"), 15, "the proxy")
+            if policy != "fail-closed":
+                svc.wait_notification("capture: " + ("inbound only" if policy == "outbound-fail-open" else "none"))
+            seen["before ready"] = observe(p)
+            gate.touch()
+            svc.wait_notification("READY=1")
+            seen["after ready"] = observe(p)
+            gate.unlink()
+            os.kill(svc.records("start")[-1]["pid"], signal.SIGKILL)
+            wait_for(lambda: len(svc.records("start")) == 2, 10, "the next epoch (held unready)")
+            seen["outage"] = observe(p)
+            gate.touch()
+            svc.wait_notification("STATUS=epoch 1 running")  # sent after the capture change of its readiness
+            seen["after recovery"] = observe(p)
+            assert seen == {"before ready": down, "after ready": up, "outage": down, "after recovery": up}, seen
+        finally:
+            for s in _LISTENERS.pop(p.vm.name, {}).values():
+                s.close()
