@@ -11,11 +11,13 @@ import contextlib
 import ctypes
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
@@ -158,3 +160,16 @@ def pair(prefix: str = "istio-vm") -> Iterator[Pair]:
         for ns in reversed(created):
             ns.delete()
 
+
+
+@contextlib.contextmanager
+def resolv_conf(netns: str, nameserver: str) -> Iterator[None]:
+    """`ip netns exec NAME` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf: the namespace's
+    nameserver for a service started there (the file and its directory are removed afterwards)."""
+    directory = Path("/etc/netns") / netns
+    directory.mkdir(parents=True)
+    try:
+        (directory / "resolv.conf").write_text(f"nameserver {nameserver}\n")
+        yield
+    finally:
+        shutil.rmtree(directory)

@@ -1,7 +1,7 @@
 """The privileged capture helper of the fail-open policies: root with only CAP_NET_ADMIN and CAP_NET_RAW.
 
 Forked by `istio-vm start` before the privilege drop, with the plan already computed from the validated
-config. It accepts exactly "on PART" / "off PART" (iptables/parts.py) over a socketpair, installs the
+config. It accepts exactly "on PART" / "off PART" (iptables/parts.py, or `all`) over a socketpair, installs the
 plan with those parts through the apply engine (one atomic restore per family) and answers "ok" or
 "error: ...". It never receives rules. It exits when the supervisor goes away: EOF on the socket, or
 PR_SET_PDEATHSIG (SIGKILL) when the supervisor is killed.
@@ -73,12 +73,15 @@ def limit_capabilities(keep: tuple[int, ...] = KEEP) -> None:
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 
 
-def parse_request(message: bytes) -> tuple[bool, Part] | None:
-    """"on PART" or "off PART", exactly; None for anything else."""
+ALL = "all"  # both parts in one request: one restore per family for fail-open's lift and reinstall
+
+
+def parse_request(message: bytes) -> tuple[bool, frozenset[Part]] | None:
+    """"on PART" or "off PART" (PART: inbound, outbound or all), exactly; None for anything else."""
     words = message.decode("ascii", "replace").split(" ")
-    if len(words) != 2 or words[0] not in ("on", "off") or words[1] not in {p.value for p in Part}:
+    if len(words) != 2 or words[0] not in ("on", "off") or words[1] not in {ALL, *(p.value for p in Part)}:
         return None
-    return words[0] == "on", Part(words[1])
+    return words[0] == "on", ALL_PARTS if words[1] == ALL else frozenset({Part(words[1])})
 
 
 def _serve(sock: socket.socket, plan: Plan, policy: str, run_dir: str, backend: str | None,
@@ -94,8 +97,8 @@ def _serve(sock: socket.socket, plan: Plan, policy: str, run_dir: str, backend: 
         if request is None:
             sock.send(b"error: not on/off PART")
             continue
-        switch, part = request
-        wanted = on | {part} if switch else on - {part}
+        switch, parts = request
+        wanted = on | parts if switch else on - parts
         try:
             if wanted != on:
                 install_plan(plan_with(plan, wanted), run_dir=run_dir, backend=backend)
@@ -114,9 +117,10 @@ class CaptureHelper:
     pid: int
     sock: socket.socket
 
-    def switch(self, part: Part, on: bool) -> None:
-        """Switch `part` on or off; OSError (with the helper's words) when it could not."""
-        self.sock.send(f"{'on' if on else 'off'} {part}".encode())
+    def switch(self, parts: frozenset[Part], on: bool) -> None:
+        """Switch `parts` on or off in one change; OSError (with the helper's words) when it could not."""
+        name = ALL if parts >= ALL_PARTS else "".join(parts)
+        self.sock.send(f"{'on' if on else 'off'} {name}".encode())
         reply = self.sock.recv(4096).decode(errors="replace")
         if reply != "ok":
             raise OSError(f"capture helper: {reply or 'gone'}")

@@ -185,10 +185,10 @@ class Loop:
             return
         began = self.clock()
         try:
-            for part in sorted(ALL_PARTS):
-                if (part in on) != (part in self._capture_on):
-                    self.capture.switch(part, part in on)
-                    self._capture_on = self._capture_on | {part} if part in on else self._capture_on - {part}
+            for switch_on, parts in ((True, on - self._capture_on), (False, self._capture_on - on)):
+                if parts:  # one request (one restore per family) for all the parts going the same way
+                    self.capture.switch(parts, switch_on)
+                    self._capture_on = self._capture_on | parts if switch_on else self._capture_on - parts
         except OSError as e:
             log.error("Capture not switched to %s (%s): %s; now %s", describe_parts(on), reason, e,
                       describe_parts(self._capture_on), extra={"ISTIO_EVENT": "capture",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from testbed.netns import CLIENT_V4, VM_V4, Pair, pair
+from testbed.netns import CLIENT_V4, VM_V4, Pair, pair, resolv_conf
 from testbed.service import REFERENCE_CLUSTER_ENV, Service, ensure_user, service
 from testbed.wait import process_gone, wait_for
 
@@ -125,18 +124,6 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
 
 APP_UID = 12345
 PHASES = ("before ready", "after ready", "outage", "after recovery")
-
-
-@contextlib.contextmanager
-def resolv_conf(netns: str, nameserver: str) -> Iterator[None]:
-    """`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf: the VM's nameserver."""
-    directory = Path("/etc/netns") / netns
-    directory.mkdir(parents=True)
-    try:
-        (directory / "resolv.conf").write_text(f"nameserver {nameserver}\n")
-        yield
-    finally:
-        shutil.rmtree(directory)
 
 
 def landed(*listeners: tuple[str, socket.socket]) -> str:

@@ -128,3 +128,14 @@ def test_config_fuzz_benchmark_runs_and_finds_nothing() -> None:
     assert result["cli"]["violations"] == []
     assert result["cli"]["reference_status"] == 0
     assert result["in_process"]["baseline_seconds"] > 0
+
+
+def test_capture_outage_benchmark_runs_per_policy() -> None:
+    result = run_json(["-m", "benchmarks.capture_outage", "--outage", "1", "--cycles", "3", "--json"], timeout=180)
+    rows = {r["policy"]: r for r in result["policies"]}
+    assert list(rows) == ["fail-closed", "outbound-fail-open", "fail-open"]
+    assert rows["fail-closed"]["bypassed"] == 0  # never around the proxy
+    assert rows["fail-closed"]["failed"] > 0  # refused while the proxy was down
+    assert rows["outbound-fail-open"]["bypassed"] > 0
+    assert set(result["latency_ms"]) == {"lift", "reinstall"}
+    assert all(v["n"] == 3 for v in result["latency_ms"].values())
