@@ -17,7 +17,7 @@ import pytest
 
 from testbed.app import App
 from testbed.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm
-from testbed.load import Load
+from testbed.load import Load, LoadResult
 from testbed.netns import VM_V4, Pair, pair
 from testbed.service import Service, ensure_user, service
 from testbed.wait import children_named, process_gone, wait_for
@@ -46,6 +46,16 @@ class EnvoyVm:
         with self.net.client.entered():  # the load's threads and sockets live in the client namespace
             return Load(VM_V4, 8080, **kwargs).start()  # type: ignore[arg-type]
 
+    def hot_restart_under_load(self, epoch0: int) -> LoadResult:
+        """SIGHUP under keep-alive and fresh-connection load, until epoch 0 has handed over and exited."""
+        load = self.load(keepalive_threads=2, fresh_threads=2)
+        load.wait_ok(50)
+        self.svc.signal(signal.SIGHUP)
+        self.svc.wait_notification("STATUS=epoch 1 running", timeout=30)
+        wait_for(lambda: process_gone(epoch0), timeout=15, what="epoch 0 to hand over and exit")
+        load.wait_ok(50)
+        return load.stop()
+
 
 @pytest.fixture
 def envoy_vm() -> Iterator[EnvoyVm]:
@@ -69,13 +79,7 @@ def test_traffic_flows_through_envoy_and_sighup_hot_restarts_without_loss(envoy_
     svc.wait_notification("READY=1", timeout=30)
     [epoch0] = envoy_vm.envoy_pids()
     assert psutil.Process(epoch0).uids().real == pwd.getpwnam("istio-proxy").pw_uid
-    load = envoy_vm.load(keepalive_threads=2, fresh_threads=2)
-    load.wait_ok(50)
-    svc.signal(signal.SIGHUP)
-    svc.wait_notification("STATUS=epoch 1 running", timeout=30)
-    wait_for(lambda: process_gone(epoch0), timeout=15, what="epoch 0 to hand over and exit")
-    load.wait_ok(50)
-    result = load.stop()
+    result = envoy_vm.hot_restart_under_load(epoch0)
     assert result.failed == 0, result.summary()
     messages = svc.read_notifications()
     assert messages.index("RELOADING=1") < len(messages) - 1 - messages[::-1].index("READY=1")
