@@ -48,6 +48,12 @@ def install(config: Config) -> apply.Report | None:
     return report
 
 
+def owners_of(config: Config) -> Owners:
+    """The values this configuration gives 1.9's built-in-chain rules (found.Owners)."""
+    c = config.capture
+    return Owners.of(uids=c.proxy_uid, gids=c.proxy_gid, marks=c.inbound_tproxy_mark, interfaces=c.kubevirt_interfaces)
+
+
 def lift(config: Config) -> apply.Report | None:
     """The parts of ISTIO_VM_CAPTURE's policy that follow the proxy off, the others as installed: for the
     time systemd takes to restart istio-vm (fail-closed: nothing to do)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from istio_vm.errors import ApplyError
 from istio_vm.iptables.apply import install_plan
 from istio_vm.iptables.capture_state import write_expected
+from istio_vm.iptables.found import Owners
 from istio_vm.iptables.parts import ALL_PARTS, Part, plan_with
 from istio_vm.iptables.rules import Plan
 
@@ -85,7 +86,7 @@ def parse_request(message: bytes) -> tuple[bool, frozenset[Part]] | None:
 
 
 def _serve(sock: socket.socket, plan: Plan, policy: str, run_dir: str, backend: str | None,
-           on: frozenset[Part]) -> None:
+           on: frozenset[Part], owners: Owners | None) -> None:
     while True:
         try:
             message = sock.recv(MAX_MESSAGE)
@@ -101,7 +102,7 @@ def _serve(sock: socket.socket, plan: Plan, policy: str, run_dir: str, backend: 
         wanted = on | parts if switch else on - parts
         try:
             if wanted != on:
-                install_plan(plan_with(plan, wanted), run_dir=run_dir, backend=backend)
+                install_plan(plan_with(plan, wanted), run_dir=run_dir, backend=backend, owners=owners)
                 on = wanted
             write_expected(run_dir, policy, on)
         except (ApplyError, OSError) as e:
@@ -132,7 +133,7 @@ class CaptureHelper:
 
 
 def start_helper(plan: Plan, *, policy: str, run_dir: str, backend: str | None,
-                 on: frozenset[Part] = ALL_PARTS) -> CaptureHelper:
+                 on: frozenset[Part] = ALL_PARTS, owners: Owners | None = None) -> CaptureHelper:
     """Fork the helper (as root, before the privilege drop); `on` is what install put in place."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
@@ -151,7 +152,7 @@ def start_helper(plan: Plan, *, policy: str, run_dir: str, backend: str | None,
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal: the supervisor decides
             os.setsid()  # out of the supervisor's process group, so a Ctrl-C or killpg of it spares us
             limit_capabilities()
-            _serve(child_end, plan, policy, run_dir, backend, on)
+            _serve(child_end, plan, policy, run_dir, backend, on, owners)
             status = 0
         except BaseException:
             log.exception("capture helper failed")

@@ -126,6 +126,7 @@ def check_root_proxy(config: Config) -> None:
 
 def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | None:
     """The privileged helper, for a policy with parts that follow the proxy and rules we installed."""
+    from istio_vm.iptables.commands import owners_of
     from istio_vm.iptables.parts import CapturePolicy
     from istio_vm.iptables.plan import build_plan
     from istio_vm.service.capture_helper import start_helper
@@ -138,7 +139,7 @@ def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | No
                     "the proxy", policy)
         return None
     return start_helper(build_plan(config.capture), policy=str(policy), run_dir=config.supervision.run_dir,
-                        backend=config.iptables.backend)
+                        backend=config.iptables.backend, owners=owners_of(config))
 
 
 def supervise(config: Config, *, capture: bool = False) -> int:
