@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.supervisor import machine, summary_ms
+from benchmarks.supervisor import Notifications, machine, summary_ms
 from testbed.envoy import base_id, envoy_binary, remove_shm
 from testbed.netns import Netns
 from testbed.service import BUNDLED, Service, ensure_user, service
@@ -50,23 +50,15 @@ GOAL_ENVOY_EXTRA_MS = 100.0
 GOAL_AGENT_MS = 50.0
 
 
-class StampedNotifications:
-    """Every datagram on the service's NOTIFY_SOCKET with the monotonic time it arrived."""
+class StampedNotifications(Notifications):
+    """Every datagram on the service's NOTIFY_SOCKET with the monotonic time it arrived (the drain thread
+    of benchmarks.supervisor, stamping each datagram as it is received rather than reading them later)."""
 
     def __init__(self, svc: Service) -> None:
+        super().__init__(svc)
         self.sock = svc.notify.socket
         self.stamped: list[tuple[float, str]] = []
-        self._lock = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-stamps", daemon=True)
-
-    def __enter__(self) -> StampedNotifications:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._arrived = threading.Condition()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -76,14 +68,14 @@ class StampedNotifications:
                 while True:
                     message = self.sock.recv(65536).decode()
                     now = time.monotonic()
-                    with self._lock:
+                    with self._arrived:
                         self.stamped.append((now, message))
-                        self._lock.notify_all()
+                        self._arrived.notify_all()
 
-    def wait(self, text: str, after: float, timeout: float = 30.0) -> float:
+    def arrival(self, text: str, after: float, timeout: float = 30.0) -> float:
         """The time of the first `text` that arrived after `after`."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._arrived:
             while True:
                 for when, message in self.stamped:
                     if when >= after and message == text:
@@ -91,7 +83,7 @@ class StampedNotifications:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no {text!r} within {timeout}s; got {self.stamped}")
-                self._lock.wait(left)
+                self._arrived.wait(left)
 
 
 def ms(seconds: float) -> float:
@@ -117,16 +109,16 @@ def istio_vm_envoy(envoy: Path) -> tuple[dict[str, float], list[str]]:
             with StampedNotifications(svc) as notes:
                 t0 = time.monotonic()
                 svc.start()
-                start = notes.wait("READY=1", t0) - t0
+                start = notes.arrival("READY=1", t0) - t0
                 [old] = children_named(svc.daemon_pid(), "envoy")
                 t1 = time.monotonic()
                 svc.signal(signal.SIGHUP)
-                hot = notes.wait("READY=1", t1) - t1
+                hot = notes.arrival("READY=1", t1) - t1
                 wait_for(lambda: process_gone(old), 15, "the old epoch's exit")
                 [current] = children_named(svc.daemon_pid(), "envoy")
                 t2 = time.monotonic()
                 os.kill(current, signal.SIGKILL)
-                crash = notes.wait("READY=1", t2) - t2 - BACKOFF
+                crash = notes.arrival("READY=1", t2) - t2 - BACKOFF
                 argv = envoy_argv(svc)
                 svc.signal(signal.SIGTERM)
                 code, _, log = svc.wait_exit()
@@ -221,7 +213,7 @@ def agent_ready_latency() -> dict[str, float]:
             time.sleep(0.3)  # the stimulus: the proxy has been starting a while (not a synchronisation)
             opened = time.monotonic()
             gate.touch()
-            ready = notes.wait("READY=1", opened)
+            ready = notes.arrival("READY=1", opened)
             [answered] = svc.records("ready")
             svc.signal(signal.SIGTERM)
             svc.wait_exit()

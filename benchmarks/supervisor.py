@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -138,7 +138,7 @@ class Notifications:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notify-drain", daemon=True)
 
-    def __enter__(self) -> Notifications:
+    def __enter__(self) -> Self:  # a subclass (benchmarks.readiness) gets its own type back
         self._thread.start()
         return self
 
