@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -78,3 +80,19 @@ def iptables_args(directory: Path, env_file: Path, *extra: str) -> list[str]:
     cluster_env.chmod(0o644)  # ... and ones others may write (a checkout under umask 002 is group-writable)
     return ["--sidecar-env", str(directory / "missing-sidecar.env"), "--cluster-env", str(cluster_env),
             "iptables", *extra, "--resolv-conf", str(directory / "resolv.conf")]
+
+
+@contextlib.contextmanager
+def alarm_after(seconds: int, error: BaseException) -> Iterator[None]:
+    """Raise `error` if the block is still running after `seconds` (SIGALRM): a test that would block
+    forever fails instead of hanging the suite."""
+    def expired(signum: int, frame: object) -> None:
+        raise error
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -8,12 +8,10 @@ naming the file, exit 78, fast; and `clean` still gets its settings.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
@@ -25,7 +23,7 @@ from istio_vm.config.model import Shell
 from istio_vm.config.sources import MAX_ENV_LINES, MAX_FILE_BYTES, Sources, read_shell
 from istio_vm.errors import MAX_PROBLEMS_SHOWN, ConfigError, Problem
 from istio_vm.iptables.commands import CleanSettings
-from tests.helpers import EXAMPLES, EveryUser, fake_host
+from tests.helpers import EXAMPLES, EveryUser, alarm_after, fake_host
 
 HOST = Host(hostname="vm-1", euid=os.geteuid(), users=EveryUser())
 RESOLV_CONF = str(EXAMPLES / "resolv.conf")
@@ -35,16 +33,8 @@ MISSING = "/nonexistent/sidecar.env"
 @pytest.fixture(autouse=True)
 def deadline() -> Iterator[None]:
     """A read that blocks (a FIFO) fails the test after 5 s instead of hanging the suite."""
-    def expired(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError("blocked reading a configuration file")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(5)
-    try:
+    with alarm_after(5, TimeoutError("blocked reading a configuration file")):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def load_problems(cluster: Path | str, environ: dict[str, str] | None = None) -> list[Problem]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -14,22 +13,14 @@ import pytest
 
 from istio_vm.service.notify import MAX_PENDING, Notifier, NotifySocket
 from istio_vm.service.proxy_output import ProxyOutput
+from tests.helpers import alarm_after
 
 
 @pytest.fixture
 def alarm() -> Iterator[None]:
     """A test that would block forever fails after 10 s instead (a blocking send is the bug)."""
-
-    def fail(signum: int, frame: object) -> None:
-        raise AssertionError("blocked")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(10)
-    try:
+    with alarm_after(10, AssertionError("blocked")):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_full_disk_drops_lines_counts_them_logs_once_and_recovers(tmp_path: Path,
