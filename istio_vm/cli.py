@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add where each value came from (FILE:LINE, environment, default, derived)")
     config.add_argument("--json", action="store_true",
                         help='print {"NAME": {"value": ..., "source": ...}} for every setting')
+    config.add_argument("--check", action="store_true",
+                        help="print nothing; exit 0 when the configuration is valid (warnings on stderr), 78 "
+                             "with one line per problem when not (run it before systemctl reload or restart)")
 
     iptables = commands.add_parser("iptables", help="the iptables capture rules",
                                    description="The iptables rules of Istio 1.9.4's istio-iptables for this "
@@ -154,6 +157,10 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.config import render
     from istio_vm.errors import ExitStatus
 
+    if args.check:  # quiet: only warnings (e.g. a misspelt name) and errors, as `nginx -t -q`
+        logging.getLogger().setLevel(logging.WARNING)
+        load_config(args)
+        return ExitStatus.OK
     config = load_config(args)
     text = render.render_json(config) if args.json else render.render_text(config, show_source=args.show_source)
     sys.stdout.write(text)

@@ -8,6 +8,7 @@ Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it,
     resolve        build(): every setting resolved with istio-start.sh's and istio-iptables' rules
     settings       the table of every variable: name, default, check, meaning, difference from 1.9
     checks         the checks of one setting's text (ports, CIDRs, booleans...), Go's ParseBool
+    spelling       misspelt setting names in the env files: "did you mean ISTIO_INBOUND_PORTS?"
     host           Host, Address, User and the hostname(1) / Go rules applied to them
     start_args     istio-start.sh's modes and istio-iptables' flags -> overrides
     render         `istio-vm config`: istio-iptables 1.9's dumps, the supervisor settings, JSON

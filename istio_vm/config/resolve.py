@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
-from istio_vm.config import checks
+from istio_vm.config import checks, spelling
 from istio_vm.config.host import Host
 from istio_vm.config.model import (
     DNS_SERVERS,
@@ -119,7 +119,9 @@ def build(shell: Shell, host: Host, resolv: ResolvConf) -> Config:
     ordered = {name: r.values[name] for name in (*BY_NAME, DNS_SERVERS)}
     return Config(capture=capture, iptables=iptables, agent=agent, supervision=supervision,
                   values=MappingProxyType(ordered), environment=MappingProxyType(dict(variables)),
-                  files=shell.files, warnings=tuple(r.warnings))
+                  files=shell.files,
+                  warnings=(*spelling.misspellings(spelling.assigned_in_files(origins, shell.files)),
+                            *r.warnings))
 
 
 def _location_order(where: str, files: Sequence[str]) -> tuple[int, int]:
