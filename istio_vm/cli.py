@@ -16,6 +16,7 @@ from istio_vm.defaults import DEFAULT_RESOLV_CONF, FORMATS
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms); mypy knows the name
 if TYPE_CHECKING:
     import logging
+    from typing import NoReturn
 
     from istio_vm.config.model import Config
     from istio_vm.config.sources import Sources
@@ -34,8 +35,18 @@ def _log() -> logging.Logger:
     return logging.getLogger("istio_vm")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad command line; istio-vm's status for it is EX_USAGE (64), as systemd names it."""
+
+    def error(self, message: str) -> NoReturn:
+        from istio_vm.errors import ExitStatus
+
+        self.print_usage(sys.stderr)
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="istio-vm",
         description="Run an Istio sidecar on a VM: configuration, iptables capture, proxy supervision.",
     )
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_trace_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_trace_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     trace = actions.add_parser(
         "trace", help="would this connection be captured, by which rule, and why",
         usage="istio-vm ... iptables trace [--live] [--json] (inbound|outbound) (tcp|udp) DST [--src ADDR[:PORT]] "
@@ -158,6 +169,8 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.errors import ExitStatus
 
     if args.check:  # quiet: only warnings (e.g. a misspelt name) and errors, as `nginx -t -q`
+        import logging
+
         logging.getLogger().setLevel(logging.WARNING)
         load_config(args)
         return ExitStatus.OK

@@ -20,13 +20,17 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 @enum.unique
 class ExitStatus(enum.IntEnum):
-    """Process exit statuses of `istio-vm` (also documented in README.md and docs/systemd.md)."""
+    """Process exit statuses of `istio-vm` (also documented in README.md and docs/systemd.md).
+
+    sysexits(3) numbers wherever one fits: `systemctl status` names them (`status=69/UNAVAILABLE`),
+    where 2, 3 and 4 would read as LSB's INVALIDARGUMENT, NOTIMPLEMENTED and NOPERMISSION.
+    """
 
     OK = 0
     FAILURE = 1  # a command failed (the tool's own message says why)
-    USAGE = 2  # bad command line (argparse's own status)
-    CRASH_LOOP = 3  # the proxy kept exiting (ISTIO_VM_MAX_RESTARTS within ISTIO_VM_RESTART_WINDOW)
-    LOCKED = 4  # another `istio-vm start` holds the lock
+    USAGE = 64  # EX_USAGE: bad command line
+    CRASH_LOOP = 69  # EX_UNAVAILABLE: the proxy kept exiting (ISTIO_VM_MAX_RESTARTS within ISTIO_VM_RESTART_WINDOW)
+    LOCKED = 75  # EX_TEMPFAIL: another `istio-vm start` holds the lock (or a reload is under way): try later
     NOPERM = 77  # EX_NOPERM: cannot drop privileges (not root, or the kernel refused)
     CONFIG = 78  # EX_CONFIG: bad configuration; systemd must not restart (RestartPreventExitStatus=78)
 

@@ -116,7 +116,7 @@ follows jumps, `RETURN` and the policies of the built-in chains.
 # istio-vm iptables trace inbound tcp 10.0.0.5:8080 --src 10.0.0.7 --iface eth0
 # istio-vm iptables trace --live --json outbound tcp 127.0.0.1:8080
 # printf 'outbound tcp 10.0.0.9:443\\ninbound tcp [fd00::5]:8080\\n' | istio-vm iptables trace --json --flows -
-# istio-vm iptables trace inbound tcp 10.0.0.5:0  # exit 2
+# istio-vm iptables trace inbound tcp 10.0.0.5:0  # exit 64
 ```
 
 - `DST` is `ADDR:PORT` (`[ADDR]:PORT` for IPv6). `inbound`: a packet arriving on `--iface` (default:
@@ -137,7 +137,7 @@ follows jumps, `RETURN` and the policies of the built-in chains.
   anything else (`-m statistic`, DNAT...) gives the verdict `unknown`, naming it and the rule: never a
   guess. The filter and raw tables are not consulted.
 - Bad input (not an address, port 0, `--src` of the other family, a bad line of `--flows`, named
-  FILE:LINE) exits 2 with one line naming the word; a configuration error exits 78 as everywhere.
+  FILE:LINE) exits 64 (EX_USAGE) with one line naming the word; a configuration error exits 78 as everywhere.
 
 On the reference VM, `istio-vm iptables trace outbound tcp 10.0.0.9:80` prints:
 

@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from istio_vm.errors import ExitStatus
 from testbed.service import ISTIO_VM, Service, ensure_user, extra_group, service, traversable_by_others
 from testbed.wait import wait_for
 from tests.helpers import DATA
@@ -134,7 +135,7 @@ def test_crash_loop_ends_with_status_3(svc: Service) -> None:
     svc.env["DOUBLE_CRASH_AT_START"] = "1"
     svc.start("run")
     status, _, err = svc.wait_exit()
-    assert status == 3, err
+    assert status == ExitStatus.CRASH_LOOP == 69, err
     assert len(svc.records("start")) == 3
     assert "Giving up: 3 exits within 300s (ISTIO_VM_MAX_RESTARTS=2)" in err
     assert svc.processes() == []
@@ -157,7 +158,7 @@ def test_second_start_is_refused_while_one_runs(svc: Service) -> None:
     svc.write_env("")
     started(svc, "run")
     second = svc.run("start", "run")
-    assert second.returncode == 4
+    assert second.returncode == ExitStatus.LOCKED == 75
     assert f"another istio-vm start is running (pid {svc.daemon_pid()}" in second.stderr
     svc.signal(signal.SIGTERM)
     assert svc.wait_exit()[0] == 0

@@ -217,6 +217,7 @@ def test_bad_config_fails_with_78_and_one_line_and_is_not_restarted_and_iptables
                      "ExecMainStatus": "78", "NRestarts": "0"}
     # No job of the unit is left (OnFailure= may still be cleaning up in istio-sidecar-cleanup.service).
     assert UNIT not in vm.c.systemctl("list-jobs", "--no-legend", "--full").stdout
+    assert "status=78/CONFIG" in vm.c.systemctl("status", UNIT, check=False).stdout  # sysexits name
     told = [e["MESSAGE"] for e in vm.journal(f"_PID={main}")]
     assert told == [f"istio-vm: config error: {CLUSTER_ENV}:{line}: ENVOY_PORT='15001x': not a port (1-65535)"]
     assert sum("config error" in e["MESSAGE"] for e in vm.journal()) == 1

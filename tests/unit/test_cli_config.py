@@ -178,8 +178,8 @@ def test_help_of_every_command_and_python_m() -> None:
         assert "usage: istio-vm" in result.stdout
 
 
-def test_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_command_line_exits_64_ex_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         cli.main(["config", "--no-such-flag"])
-    assert caught.value.code == 2
+    assert caught.value.code == ExitStatus.USAGE == 64
     assert "unrecognized arguments" in capsys.readouterr().err

@@ -148,7 +148,7 @@ def test_crash_loop_gives_up_with_distinct_status() -> None:
     actions = sv.exited(102, KILLED)
     assert notifications(actions)[-1].startswith("STATUS=stopped")
     assert sv.state is State.STOPPED
-    assert sv.exit_status == 3
+    assert sv.exit_status == ExitStatus.CRASH_LOOP == 69
 
 
 def test_failures_outside_the_window_do_not_count() -> None:

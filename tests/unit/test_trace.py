@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from istio_vm import cli
+from istio_vm.errors import ExitStatus
 from istio_vm.iptables import commands, explain
 from istio_vm.iptables.plan import build_plan
 from istio_vm.iptables.rules import Plan
@@ -185,10 +186,11 @@ def test_cli_trace_text_json_flows_and_bad_words(clean_env: pytest.MonkeyPatch, 
     assert [(d["captured"], d["verdict"], d["port"]) for d in lines] == [(True, "redirect", 15001),
                                                                          (False, "not-captured", 8080)]
     flows.write_text("outbound tcp 192.0.2.1:80\noutbound tcp 192.0.2.1:99999\n")
-    assert cli.main(iptables_args(tmp_path, env, "trace", "--flows", str(flows))) == 2
+    assert cli.main(iptables_args(tmp_path, env, "trace", "--flows", str(flows))) == ExitStatus.USAGE == 64
     assert capsys.readouterr().err.endswith(f"istio-vm: error: {flows}:2: DST: '99999' is not a port "
                                             "(1-65535)\n")
-    assert cli.main(iptables_args(tmp_path, env, "trace", "inbound", "tcp", "10.0.0.1:80", "--uid", "x")) == 2
+    bad_uid = iptables_args(tmp_path, env, "trace", "inbound", "tcp", "10.0.0.1:80", "--uid", "x")
+    assert cli.main(bad_uid) == ExitStatus.USAGE
     assert "--uid: 'x'" in capsys.readouterr().err
 
 
