@@ -38,11 +38,11 @@ SUITES = ("bookworm", "trixie")  # Debian 12 and 13: what the package is tested 
 VARIANT = "minbase"
 MIRROR = os.environ.get("ISTIO_VM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the service needs at run time (systemd as PID 1, D-Bus for systemctl, iptables and ip for the
-# capture rules, python3 with venv for the install). systemd-python is compiled on the host and
-# arrives as a wheel (see install_project), so no compiler or -dev package is needed in the root.
+# capture rules, python3 with venv for the install, logrotate for the shipped snippet). systemd-python is
+# compiled on the host and arrives as a wheel (see install_project): no compiler or -dev package in the root.
 PACKAGES: tuple[str, ...] = tuple(
     sorted(
-        "systemd systemd-sysv dbus libsystemd0 iptables iproute2 python3 python3-venv procps".split()
+        "systemd systemd-sysv dbus libsystemd0 iptables iproute2 python3 python3-venv procps logrotate".split()
     )
 )
 # What istio-vm's .deb depends on beyond PACKAGES: installed into the root at build time, because the booted
