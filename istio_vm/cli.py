@@ -112,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without arguments: clean and install the iptables rules, drop privileges to EXEC_USER and "
         "supervise the proxy. `init` or `-p` [istio-iptables FLAGS]: only the iptables, then exit. `run`: "
         "no iptables. `clean`: only remove the iptables rules. The same as the `istio-start` command.")
-    commands.add_parser("reload", help="hot-restart the proxy of the running `istio-vm start` (SIGHUP)",
-                        description="Send SIGHUP to the running `istio-vm start`: in envoy mode it starts the "
-                        "next epoch as an Envoy hot restart.")
+    reload_parser = commands.add_parser(
+        "reload", help="re-read and validate the files, then apply them to the running start (or change nothing)",
+        description="What `systemctl reload` runs, as root: read and validate the env files (invalid: exit 78, "
+        "nothing changed); install the new iptables rules atomically; hand the proxy's new settings to the "
+        "running `istio-vm start` and wait for the outcome: envoy mode hot-restarts Envoy with them, agent mode "
+        "restarts pilot-agent only when its arguments or environment changed.")
+    reload_parser.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+                               help="how long to wait for the proxy (default: %(default)s)")
     return parser
 
 
@@ -150,13 +155,13 @@ def sources(args: argparse.Namespace) -> Sources:
 
 
 def load_config(args: argparse.Namespace, overrides: Mapping[str, tuple[str, str]] | None = None, *,
-                log_to_config_target: bool = False) -> Config:
+                log_to_config_target: bool = False, environ: Mapping[str, str] | None = None) -> Config:
     """The Config of the env files (plus `overrides`), its warnings logged (after choosing the log
-    target ISTIO_LOG_TARGET names, for `start`)."""
+    target ISTIO_LOG_TARGET names, for `start`); `environ` is the process environment by default."""
     from istio_vm import logs
     from istio_vm.config.load import load
 
-    config = load(sources(args), os.environ, overrides=overrides)
+    config = load(sources(args), os.environ if environ is None else environ, overrides=overrides)
     if log_to_config_target:
         logs.configure(logs.choose_target(config.supervision.log_target))
     for warning in config.warnings:
@@ -311,17 +316,15 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:
-    import signal
+    from istio_vm.config.load import load
+    from istio_vm.errors import ExitStatus
+    from istio_vm.iptables import commands
+    from istio_vm.service import reload
 
-    from istio_vm.errors import ExitStatus, IstioVmError
-    from istio_vm.service import start
-
-    config = load_config(args)
-    pid = start.running_pid(config.supervision.run_dir)
-    if pid is None:
-        raise IstioVmError(f"no istio-vm start is running (no lock held in {config.supervision.run_dir})")
-    os.kill(pid, signal.SIGHUP)
-    _log().info("Sent SIGHUP to istio-vm start (pid %s)", pid)
+    # The files as the running start would read them: with its process environment, not ExecReload's.
+    running = reload.start_environment(load(sources(args), os.environ).supervision.run_dir)
+    config = load_config(args, environ=running)  # invalid files: ConfigError, 78, and nothing is changed
+    _log().info("Reloaded: %s", reload.reload(config, install_iptables=commands.install, timeout=args.timeout))
     return ExitStatus.OK
 
 

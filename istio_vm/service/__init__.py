@@ -10,6 +10,7 @@ Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it,
 Edge side (processes, signals, sockets, the privilege drop):
     start          the order of effects of istio-start.sh: run lock, iptables, rlimit, drop, supervise
     loop           the select loop: signals, child output and deadlines in, the machine's actions out
+    reload         `istio-vm reload`: validate, install the new rules, hand the proxy's settings over, wait
     processes      ProcessOps: posix_spawn, kill of a process tree, reaping, child subreaper
     proxy_admin    ProxyAdmin: readiness, drain and connections over HTTP on localhost
     proxy_output   the proxy's lines relayed to the journal, stderr or 1.9's log files

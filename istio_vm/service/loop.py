@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
 from istio_vm.service.capture_helper import CaptureHelper
@@ -25,6 +26,7 @@ from istio_vm.service.machine import (
     KillTree,
     Notify,
     ProbeReady,
+    ReloadDone,
     SetCapture,
     Signal,
     Spawn,
@@ -37,6 +39,10 @@ from istio_vm.service.proxy_admin import ProxyAdmin
 from istio_vm.service.proxy_command import ProxyCommand
 from istio_vm.service.proxy_output import ProxyOutput
 from istio_vm.service.signals import SignalQueue
+
+if TYPE_CHECKING:
+    from istio_vm.service.machine import Policy
+    from istio_vm.service.reload import ReloadChannel
 
 log = logging.getLogger(__name__)
 MAX_LINE = 65536  # a longer line is relayed in pieces rather than buffered without bound
@@ -70,9 +76,11 @@ class Loop:
     clock: Callable[[], float] = time.monotonic
     watchdog_interval: float | None = None  # half of systemd's WATCHDOG_USEC
     selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
+    reloads: ReloadChannel | None = None  # where `istio-vm reload` leaves new settings and reads the outcome
     _next_watchdog: float | None = field(init=False, default=None)
     capture: CaptureHelper | None = None  # the fail-open policies' privileged helper
     _capture_on: frozenset[Part] = field(init=False, default=ALL_PARTS)
+    _before_reload: tuple[ProxyCommand, Policy] | None = field(init=False, default=None)
 
     def run(self, signals: SignalQueue) -> int:
         """Supervise until the proxy is stopped (or given up on); the exit status of istio-vm."""
@@ -106,7 +114,23 @@ class Loop:
             self.output.reopen()
         else:
             log.info("Received %s", name, extra={"ISTIO_EVENT": journal_event})
+        if signum == signal.SIGHUP and self.reloads is not None:
+            self._reload(self.reloads)
+            return
         self._execute(event(self.supervisor))
+
+    def _reload(self, reloads: ReloadChannel) -> None:
+        """SIGHUP from `istio-vm reload`: the new settings take over, unless the machine cannot reload now."""
+        request = reloads.take()
+        if request is None:  # a plain `kill -HUP`: the same settings again
+            self._execute(self.supervisor.reload())
+            return
+        changed = (request.command.argv(0), dict(request.command.environment)) != (
+            self.command.argv(0), dict(self.command.environment))
+        if self.supervisor.reload_refusal() is None:
+            self._before_reload = (self.command, self.supervisor.policy)
+            self.command, self.supervisor.policy = request.command, request.policy
+        self._execute(self.supervisor.reload(request.id, changed))
 
     def _read(self, key: selectors.SelectorKey) -> bool:
         """Relay what the child wrote; False once nothing more is there (for now, or for good)."""
@@ -178,6 +202,12 @@ class Loop:
                     self.notifier.send(message)
                 case SetCapture(on=on, reason=reason):
                     self._set_capture(on, reason)
+                case ReloadDone(request=request, ok=ok, message=message):
+                    if not ok and self._before_reload is not None:  # what runs now is the previous settings
+                        self.command, self.supervisor.policy = self._before_reload
+                    self._before_reload = None
+                    if request is not None and self.reloads is not None:
+                        self.reloads.report(request, ok, message)
 
     def _set_capture(self, on: frozenset[Part], reason: str) -> None:
         """Ask the helper for each part that changes; one journal entry with the new state and the time taken."""

@@ -126,7 +126,16 @@ class SetCapture:
     reason: str  # for the journal, e.g. "epoch 1 ready"
 
 
-Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify | SetCapture
+@dataclass(frozen=True, slots=True)
+class ReloadDone:
+    """The outcome of a reload, for the `istio-vm reload` waiting for it (request None: a plain SIGHUP)."""
+
+    request: str | None
+    ok: bool
+    message: str
+
+
+Action = Spawn | Signal | KillTree | Drain | ProbeReady | CountConnections | Notify | SetCapture | ReloadDone
 
 
 @dataclass(slots=True)
@@ -177,6 +186,9 @@ class Supervisor:
     _forced: bool = field(init=False, default=False)  # the tree had to be killed
     _killed: set[int] = field(init=False, default_factory=set)  # epochs' pids we SIGKILLed ourselves
     capture: frozenset[Part] = field(init=False, default=ALL_PARTS)  # what install put in, then SetCapture's
+    _reload_request: str | None = field(init=False, default=None)  # the reload under way, if any
+    _replacing: Epoch | None = field(init=False, default=None)  # agent mode: the epoch a reload stops
+    _down_since: float | None = field(init=False, default=None)  # agent mode: when the replaced epoch exited
 
     # ---- events -----------------------------------------------------------------------------
     def start(self) -> list[Action]:
@@ -205,6 +217,8 @@ class Supervisor:
         log.info("Epoch %s ready, pid %s", epoch, record.pid,
                  extra={"ISTIO_EVENT": "ready", "ISTIO_EPOCH": epoch, "ISTIO_CHILD_PID": record.pid})
         actions: list[Action] = self._set_capture(ready=True, reason=f"epoch {epoch} ready")
+        if self.state is State.RELOADING:
+            actions.append(self._reload_done(True, self._reloaded_message(record)))
         if self.state in (State.STARTING, State.RELOADING):
             self._enter(State.RUNNING)
             actions.append(Notify("READY=1"))
@@ -224,6 +238,10 @@ class Supervisor:
             if self.epochs:
                 return [leftovers, self._status()]
             return [leftovers, *self._finish(clean=not self._forced and exited_cleanly(status))]
+        if self.state is State.RELOADING and record is self._replacing:
+            log.info("Epoch %s exited for the reload: %s", record.number, reason, extra=extra)
+            self._replacing, self._down_since, self._deadline = None, self.clock(), None
+            return [KillTree(pid), *self._spawn(restart_epoch=0)]
         if record is not self.current:
             level = logging.INFO if exited_cleanly(status) else logging.WARNING
             log.log(level, "Epoch %s (previous) exited: %s", record.number, reason, extra=extra)
@@ -244,12 +262,14 @@ class Supervisor:
             return self._kill_epochs()
         live = list(self.epochs)
         self.current = None
+        pending = [self._reload_done(False, "stop requested")] if self._reload_request is not None else []
+        self._replacing = None
         if not live:
             log.info("Stop requested while no proxy runs", extra={"ISTIO_EVENT": "drain"})
-            return [Notify("STOPPING=1"), *self._finish(clean=True)]
+            return [*pending, Notify("STOPPING=1"), *self._finish(clean=True)]
         # The open policies lift before the proxy stops: new connections go straight through, not to a
         # proxy that is about to close its listeners.
-        actions: list[Action] = [Notify("STOPPING=1"), *self._set_capture(ready=False, reason="stopping")]
+        actions: list[Action] = [*pending, Notify("STOPPING=1"), *self._set_capture(ready=False, reason="stopping")]
         if self.policy.hot_restart:
             self._enter(State.DRAINING, deadline=now + self.policy.termination_drain)
             self._next_probe = now
@@ -265,22 +285,66 @@ class Supervisor:
         actions.append(self._status())
         return actions
 
-    def reload(self) -> list[Action]:
-        """SIGHUP: envoy mode starts the next epoch as a hot restart; agent mode has none."""
-        if not self.policy.hot_restart:
-            log.warning("SIGHUP ignored: pilot-agent has no hot restart (use systemctl restart)")
-            return []
+    def reload_refusal(self) -> str | None:
+        """Why a reload cannot be carried out now (None: it can), e.g. while an epoch is still starting."""
+        if self.state is State.BACKOFF:
+            return None  # the next epoch will start with the new settings
         if self.state is not State.RUNNING or self.current is None:
-            log.warning("Reload ignored while %s", self.state)
-            return []
+            return f"the proxy is {self.state}, not running: try again"
         if len(self.epochs) > 1:
             # A third Envoy would terminate the draining one at once, cutting its connections.
-            log.warning("Reload ignored: the previous epoch is still handing over (ENVOY_PARENT_SHUTDOWN_TIME_S)")
-            return []
+            return "the previous epoch is still handing over (ENVOY_PARENT_SHUTDOWN_TIME_S): try again"
+        return None
+
+    def reload(self, request: str | None = None, changed: bool = True) -> list[Action]:
+        """SIGHUP, with new settings in place when `request` names an `istio-vm reload`.
+
+        envoy mode: the next epoch starts as a hot restart (with the new flags and environment).
+        agent mode: pilot-agent is restarted only when its argv or environment `changed`.
+        """
+        refusal = self.reload_refusal()
+        if refusal is not None:
+            log.warning("Reload refused: %s", refusal, extra={"ISTIO_EVENT": "reload"})
+            return [ReloadDone(request, False, refusal)]
+        if self.state is State.BACKOFF:
+            message = f"the proxy is waiting to restart: epoch {self._next_epoch} will start with the new settings"
+            log.info("Reload: %s", message, extra={"ISTIO_EVENT": "reload"})
+            return [ReloadDone(request, True, message)]
+        assert self.current is not None
+        if not self.policy.hot_restart:
+            if request is None:
+                log.warning("SIGHUP without new settings ignored: pilot-agent has no hot restart "
+                            "(istio-vm reload re-reads the files)", extra={"ISTIO_EVENT": "reload"})
+                return []
+            if not changed:
+                message = "pilot-agent's arguments and environment are unchanged: not restarted"
+                log.info("Reload: %s", message, extra={"ISTIO_EVENT": "reload"})
+                return [ReloadDone(request, True, message)]
+            now = self.clock()
+            self._reload_request, self._replacing = request, self.current
+            self._enter(State.RELOADING, deadline=now + self.policy.termination_drain + self.policy.stop_timeout)
+            self._next_probe = None
+            log.info("Reload: pilot-agent's arguments or environment changed: stopping epoch %s, then starting "
+                     "epoch %s", self.current.number, self._next_epoch,
+                     extra={"ISTIO_EVENT": "reload", "ISTIO_EPOCH": self.current.number})
+            return [Notify("RELOADING=1"), Signal(self.current.pid, signal.SIGTERM)] if self.current.pid else []
+        self._reload_request = request
         self._enter(State.RELOADING)
         log.info("Hot restart: starting epoch %s beside epoch %s", self._next_epoch, self.current.number,
                  extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
         return [Notify("RELOADING=1"), *self._spawn(restart_epoch=self.current.restart_epoch + 1)]
+
+    def _reload_done(self, ok: bool, message: str) -> ReloadDone:
+        done = ReloadDone(self._reload_request, ok, message)
+        self._reload_request, self._down_since = None, None
+        return done
+
+    def _reloaded_message(self, record: Epoch) -> str:
+        if self._down_since is None:
+            return f"epoch {record.number} ready (pid {record.pid})"
+        gap = self.clock() - self._down_since
+        log.info("Reload: pilot-agent was down for %.2fs", gap, extra={"ISTIO_EVENT": "reload"})
+        return f"epoch {record.number} ready (pid {record.pid}); pilot-agent was down for {gap:.2f}s"
 
     def reopen_logs(self) -> list[Action]:
         """SIGUSR1: Envoy reopens its access logs on SIGUSR1 too, so every epoch gets it; pilot-agent would not."""
@@ -306,6 +370,11 @@ class Supervisor:
             elif self.state is State.DRAINING:
                 log.info("Drain period of %.1fs over", self.policy.termination_drain, extra={"ISTIO_EVENT": "drain"})
                 actions += self._stop_now(now)
+            elif self.state is State.RELOADING and self._replacing is not None and self._replacing.pid is not None:
+                log.warning("Epoch %s did not exit within %.1fs for the reload: killing its process tree",
+                            self._replacing.number, self.policy.termination_drain + self.policy.stop_timeout,
+                            extra={"ISTIO_EVENT": "reload"})
+                actions.append(KillTree(self._replacing.pid))
             elif self.state is State.STOPPING:
                 log.warning("The proxy did not exit within %.1fs: killing its process tree",
                             self.policy.stop_timeout, extra={"ISTIO_EVENT": "drain"})
@@ -365,10 +434,15 @@ class Supervisor:
         actions: list[Action] = [] if record.pid is None else [KillTree(record.pid)]
         if self.state is State.RELOADING and survivors:
             self.current = survivors[-1]
+            done = self._reload_done(False, f"epoch {record.number} failed ({reason}); epoch "
+                                     f"{self.current.number} keeps serving with the previous settings")
             self._enter(State.RUNNING)
             log.error("Hot restart to epoch %s failed (%s); epoch %s keeps serving", record.number, reason,
                       self.current.number, extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": record.number})
-            return [*actions, Notify("READY=1"), self._status()]
+            return [*actions, done, Notify("READY=1"), self._status()]
+        if self.state is State.RELOADING:
+            actions.append(self._reload_done(False, f"epoch {record.number} with the new settings failed ({reason}); "
+                                             "restarting it with the previous settings"))
         if self._budget.exceeded(now, self.policy):
             log.error("Giving up: %s exits within %.0fs (ISTIO_VM_MAX_RESTARTS=%s); last: %s",
                       len(self._budget.failures), self.policy.restart_window, self.policy.max_restarts, reason,

@@ -106,7 +106,8 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config], obj
         installed = install_iptables(config) if mode in ("", "init") else None
         if mode == "init":
             return ExitStatus.OK
-        return supervise(config, capture=installed is not None and not config.iptables.dry_run)
+        return supervise(config, capture=installed is not None and not config.iptables.dry_run,
+                         iptables=mode == "")
 
 
 def check_root_proxy(config: Config) -> None:
@@ -142,7 +143,7 @@ def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | No
                         backend=config.iptables.backend, owners=owners_of(config))
 
 
-def supervise(config: Config, *, capture: bool = False) -> int:
+def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -> int:
     """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
 
     The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
@@ -150,7 +151,7 @@ def supervise(config: Config, *, capture: bool = False) -> int:
     """
     from istio_vm import logs
     from istio_vm.iptables.parts import CapturePolicy
-    from istio_vm.service import privileges, processes
+    from istio_vm.service import privileges, processes, reload
     from istio_vm.service.loop import SIGNALS, Loop
     from istio_vm.service.machine import Policy, Supervisor
     from istio_vm.service.notify import Notifier, watchdog_interval
@@ -170,6 +171,7 @@ def supervise(config: Config, *, capture: bool = False) -> int:
     if command.shared_memory is not None:
         processes.remove_foreign(command.shared_memory, identity.uid)
     helper = capture_helper_for(config, installed=capture)  # before the drop: it stays root (NET_ADMIN/RAW only)
+    reloads = reload.prepare(config, iptables=iptables)
     privileges.drop_to(identity)
     output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
                          log_dir=config.agent.log_dir)
@@ -181,7 +183,8 @@ def supervise(config: Config, *, capture: bool = False) -> int:
     try:
         with captured((*SIGNALS, signal.SIGCHLD)) as queue:  # SIGCHLD wakes the loop's select
             loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
-                        watchdog_interval=watchdog_interval(os.environ, os.getpid()), capture=helper)
+                        watchdog_interval=watchdog_interval(os.environ, os.getpid()), capture=helper,
+                        reloads=reloads)
             return loop.run(queue)
     finally:
         output.close()

@@ -198,5 +198,5 @@ def test_hup_in_agent_mode_is_logged_and_ignored(svc: Service) -> None:
     svc.signal(signal.SIGTERM)
     status, _, err = svc.wait_exit()
     assert status == 0
-    assert "SIGHUP ignored: pilot-agent has no hot restart" in err
+    assert "SIGHUP without new settings ignored: pilot-agent has no hot restart" in err
     assert len(svc.records("start")) == 1

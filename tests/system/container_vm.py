@@ -177,6 +177,19 @@ def start(vm: Vm) -> int:
     return int(vm.event("ready", 0)["ISTIO_CHILD_PID"])
 
 
+def client_network(vm: Vm) -> None:
+    """A client network namespace inside the container, joined to the container's by a veth pair whose
+    ends are created directly in their namespaces (the host's network is never involved)."""
+    for argv in (["ip", "netns", "add", CLIENT_NS],
+                 ["ip", "link", "add", "vm0", "type", "veth", "peer", "name", "client0", "netns", CLIENT_NS],
+                 ["ip", "addr", "add", f"{VM_IP}/24", "dev", "vm0"],
+                 ["ip", "link", "set", "vm0", "up"],
+                 ["ip", "-n", CLIENT_NS, "addr", "add", f"{CLIENT_IP}/24", "dev", "client0"],
+                 ["ip", "-n", CLIENT_NS, "link", "set", "client0", "up"],
+                 ["ip", "-n", CLIENT_NS, "link", "set", "lo", "up"]):
+        vm.c.run(argv)
+
+
 def assert_rules_are_the_plan(vm: Vm) -> None:
     """`istio-vm iptables verify` agrees, and so does iptables itself: the live rule sets are exactly
     what the plan gives when loaded into an empty network namespace."""

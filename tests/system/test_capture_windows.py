@@ -28,9 +28,9 @@ from tests.system.container_vm import (
     Vm,
     agent_mode,
     assert_rules_are_the_plan,
+    client_network,
     start,
 )
-from tests.system.test_systemd_service import client_network
 
 pytestmark = SYSTEMD_TIER
 CLEANUP = "istio-sidecar-cleanup.service"

@@ -34,6 +34,7 @@ from tests.system.container_vm import (
     Vm,
     agent_mode,
     assert_rules_are_the_plan,
+    client_network,
     envoy_mode,
     install,
     needs_envoy,
@@ -252,19 +253,6 @@ def test_reload_hot_restarts_envoy_to_the_next_epoch_and_the_unit_stays_active(v
 
 
 # ---- 7. envoy mode for real: start, traffic to the app through the captured port, stop -------------------------
-
-
-def client_network(vm: Vm) -> None:
-    """A client network namespace inside the container, joined to the container's by a veth pair whose
-    ends are created directly in their namespaces (the host's network is never involved)."""
-    for argv in (["ip", "netns", "add", CLIENT_NS],
-                 ["ip", "link", "add", "vm0", "type", "veth", "peer", "name", "client0", "netns", CLIENT_NS],
-                 ["ip", "addr", "add", f"{VM_IP}/24", "dev", "vm0"],
-                 ["ip", "link", "set", "vm0", "up"],
-                 ["ip", "-n", CLIENT_NS, "addr", "add", f"{CLIENT_IP}/24", "dev", "client0"],
-                 ["ip", "-n", CLIENT_NS, "link", "set", "client0", "up"],
-                 ["ip", "-n", CLIENT_NS, "link", "set", "lo", "up"]):
-        vm.c.run(argv)
 
 
 def request(vm: Vm, path: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from istio_vm.service.machine import (
     Notify,
     Policy,
     ProbeReady,
+    ReloadDone,
     Signal,
     Spawn,
     State,
@@ -286,10 +287,11 @@ def test_after_a_crash_envoy_starts_again_at_restart_epoch_0() -> None:
 def test_reload_ignored_in_agent_mode_and_while_starting() -> None:
     sv, _ = make()
     started(sv)
-    assert sv.reload() == []
+    sv.ready(0)
+    assert sv.reload() == []  # a plain SIGHUP: pilot-agent has no hot restart
     sv2, _ = make(hot_restart=True)
     started(sv2)
-    assert sv2.reload() == []  # not ready yet
+    assert sv2.reload("r1") == [ReloadDone("r1", False, "the proxy is starting, not running: try again")]
 
 
 def test_stop_during_backoff_exits_at_once() -> None:
@@ -330,7 +332,9 @@ def test_no_third_epoch_while_the_previous_one_hands_over() -> None:
     sv.reload()
     sv.spawned(1, 200)
     sv.ready(1)
-    assert sv.reload() == []  # epoch 0 still drains: a third Envoy would cut its connections
+    # epoch 0 still drains: a third Envoy would cut its connections
+    assert sv.reload() == [ReloadDone(None, False, "the previous epoch is still handing over "
+                                                   "(ENVOY_PARENT_SHUTDOWN_TIME_S): try again")]
     sv.exited(100, 0)
     assert sv.reload()[1] == Spawn(2, 2)
 
@@ -398,3 +402,72 @@ def test_random_event_sequences_take_only_allowed_transitions(seed: int) -> None
         drive(sv, actions, rng, pids)  # an AssertionError here is a transition outside ALLOWED
         assert (sv.exit_status is not None) is (sv.state is State.STOPPED)
         assert all(epoch.pid == pid for pid, epoch in sv.epochs.items())
+
+
+# ---- reload with new settings (istio-vm reload) ----------------------------------------------------------------
+
+
+def test_agent_reload_with_a_change_stops_the_agent_then_starts_the_next_epoch_and_reports_the_gap() -> None:
+    sv, clock = make(termination_drain=5.0, stop_timeout=10.0)
+    started(sv)
+    sv.ready(0)
+    actions = sv.reload("r1", changed=True)
+    assert actions == [Notify("RELOADING=1"), Signal(100, signal.SIGTERM)]
+    assert sv.state is State.RELOADING
+    clock.advance(0.5)
+    actions = sv.exited(100, 0)
+    assert actions == [KillTree(100), Spawn(1, 0)]  # at once: no backoff, not counted as a restart
+    sv.spawned(1, 200)
+    clock.advance(0.25)
+    actions = sv.ready(1)
+    assert actions[0] == ReloadDone("r1", True, "epoch 1 ready (pid 200); pilot-agent was down for 0.25s")
+    assert "READY=1" in notifications(actions)
+    assert (sv.state, sv.restarts) == (State.RUNNING, 0)
+
+
+def test_agent_reload_without_a_change_touches_nothing_and_a_stuck_agent_is_killed_at_the_deadline() -> None:
+    sv, clock = make(termination_drain=5.0, stop_timeout=10.0)
+    started(sv)
+    sv.ready(0)
+    assert sv.reload("r1", changed=False) == [
+        ReloadDone("r1", True, "pilot-agent's arguments and environment are unchanged: not restarted")]
+    assert sv.state is State.RUNNING
+    sv.reload("r2", changed=True)
+    clock.advance(15.0)
+    assert KillTree(100) in sv.tick()
+    assert sv.exited(100, KILLED)[1] == Spawn(1, 0)
+
+
+def test_reload_whose_new_epoch_fails_reports_it_and_the_old_settings_take_over() -> None:
+    sv, _ = make(hot_restart=True)
+    started(sv)
+    sv.ready(0)
+    sv.reload("r1")
+    sv.spawned(1, 200)
+    actions = sv.exited(200, EXIT_1)
+    [done] = [a for a in actions if isinstance(a, ReloadDone)]
+    assert done == ReloadDone("r1", False, "epoch 1 failed (exited with status 1); epoch 0 keeps serving with the "
+                                           "previous settings")
+    assert sv.state is State.RUNNING
+    agent, _ = make()
+    started(agent)
+    agent.ready(0)
+    agent.reload("r2", changed=True)
+    agent.exited(100, 0)
+    agent.spawned(1, 300)
+    [failed] = [a for a in agent.exited(300, EXIT_1) if isinstance(a, ReloadDone)]
+    assert (failed.request, failed.ok) == ("r2", False)
+    assert agent.state is State.BACKOFF
+
+
+def test_reload_during_backoff_applies_at_the_next_start_and_a_stop_fails_a_pending_reload() -> None:
+    sv, _ = make()
+    started(sv)
+    sv.exited(100, EXIT_1)
+    [done] = sv.reload("r1", changed=True)
+    assert done == ReloadDone("r1", True, "the proxy is waiting to restart: epoch 1 will start with the new settings")
+    sv2, _ = make(hot_restart=True)
+    started(sv2)
+    sv2.ready(0)
+    sv2.reload("r2")
+    assert sv2.terminate()[0] == ReloadDone("r2", False, "stop requested")
