@@ -244,9 +244,16 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
         sys.stdout.write(result.to_json() + "\n")
     elif result.drift:
         sys.stdout.write(result.diff())
-        _log().warning("the iptables rules drifted from the configuration (- planned, + live)")
+    counts = result.counts()
+    fields = {f"ISTIO_DRIFT_{name.upper()}": count for name, count in counts.items()}
+    if result.drift:  # one entry to alert on: ISTIO_EVENT=drift, with the counts as fields
+        _log().warning("the iptables rules drifted from the configuration (- planned, + live): %s planned lines "
+                       "missing, %s unexpected, %s Istio lines in the %s backend; repair: istio-vm iptables install",
+                       counts["missing"], counts["unexpected"], counts["other_backend"], result.other_backend,
+                       extra={"ISTIO_EVENT": "drift", **fields})
     else:
-        _log().info("the iptables rules match the configuration (backend %s)", result.backend)
+        _log().info("the iptables rules match the configuration (backend %s)", result.backend,
+                    extra={"ISTIO_EVENT": "verify", **fields})
     return ExitStatus.FAILURE if result.drift else ExitStatus.OK
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import ip_batch, state
-from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, save, take
+from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, other_saves, save, take
 from istio_vm.iptables.found import Owners, find
 from istio_vm.iptables.ip_batch import IpCommand
 from istio_vm.iptables.restore_input import Input, compose, undo_text
@@ -222,7 +222,30 @@ def install_plan(plan: Plan, *, run_dir: str, backend: str | None = None, runner
             raise
         if not dry_run:
             state.write(run_dir, state.RunState(snap.backend, tuple(c.argv for c in planned), owners or Owners()))
+            _remove_from_other_backend(counting, snap, proc_net, effective)
     return _report(snap, inputs, progress, counting, dry_run)
+
+
+def _remove_from_other_backend(runner: Runner, snap: Snapshot, proc_net: str, owners: Owners | None) -> None:
+    """Istio rules in the backend not chosen (1.9's in legacy, say) capture traffic too: remove them,
+    atomically per family, once ours are in place. A failure is logged; verify keeps reporting it.
+
+    Only when nft is in use: legacy is looked up through /proc (no process unless it has tables), while
+    reading nft costs two saves on every install; with legacy in use, verify still reports nft's."""
+    if snap.backend != "nft":
+        return
+    other = other_saves(runner, snap.backend, snap.saves.keys(), proc_net)
+    backend = "legacy" if snap.backend == "nft" else "nft"
+    inputs = {family: compose(find(save, owners), Plan().tables(family)) for family, save in other.items()
+              if not find(save, owners).empty}
+    if not inputs:
+        return
+    log.warning("Removing the Istio rules found in the %s backend (IPv%s): %s is in use", backend,
+                "/".join(map(str, sorted(inputs))), snap.backend)
+    try:
+        _write(runner, Snapshot(backend, "not chosen", other), inputs, [], _Progress(), f"clean of {backend}", owners)
+    except ApplyError as e:
+        log.error("%s", e)
 
 
 def clean_host(*, run_dir: str, backend: str | None = None, runner: Runner | None = None,

@@ -61,9 +61,8 @@ def decide(nft_saves: Mapping[int, str], legacy_saves: Mapping[int, str]) -> Cho
     if legacy_has:
         istio_in_legacy = [f for f, text in legacy_saves.items() if not find(text).empty]
         if istio_in_legacy:
-            log.warning("Istio rules exist in the legacy backend (IPv%s) but nft has rules too: using nft "
-                        "and leaving legacy alone; remove them with ISTIO_IPTABLES_BACKEND=legacy clean",
-                        "/".join(map(str, istio_in_legacy)))
+            log.warning("Istio rules exist in the legacy backend (IPv%s) but nft has rules too: using nft; "
+                        "install removes the legacy ones", "/".join(map(str, istio_in_legacy)))
         return Choice("nft", "rules exist in nft (legacy has some too)")
     if legacy_saves:
         return Choice("nft", "legacy tables exist but hold no rules")
@@ -93,6 +92,14 @@ def _read(runner: Runner, backend: str, families: Collection[int], optional: Col
         else:
             raise ApplyError(f"cannot read the IPv{family} rules: {done.describe()}", stderr=done.stderr)
     return saves
+
+
+def other_saves(runner: Runner, chosen: str, families: Collection[int], proc_net: str = PROC_NET) -> dict[int, str]:
+    """The save dumps of the backend not chosen, for Istio rules left there (e.g. 1.9's in legacy): they
+    capture traffic too. Legacy is read only where /proc says it has tables (no process otherwise)."""
+    other = "legacy" if chosen == "nft" else "nft"
+    wanted = [f for f in families if other == "nft" or legacy_tables(f, proc_net)]
+    return _read(runner, other, wanted, optional=wanted) if wanted else {}
 
 
 def take(runner: Runner, *, override: str | None, recorded: str | None, optional: Collection[int] = (),

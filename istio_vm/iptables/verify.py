@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import canonical_netns, state
-from istio_vm.iptables.backend import PROC_NET, take
+from istio_vm.iptables.backend import PROC_NET, other_saves, take
 from istio_vm.iptables.found import Owners, everything, find
 from istio_vm.iptables.names import FAMILIES
 from istio_vm.iptables.rules import Plan
@@ -56,10 +56,19 @@ class VerifyResult:
     backend: str
     families: tuple[FamilyVerdict, ...]
     processes: int
+    other_backend: str = ""
+    other: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (family, Istio lines) in the backend not chosen
 
     @property
     def drift(self) -> bool:
-        return any(f.drift for f in self.families)
+        return any(f.drift for f in self.families) or any(lines for _, lines in self.other)
+
+    def counts(self) -> dict[str, int]:
+        """What drifted, as numbers to alert on: planned lines missing, live lines unexpected, Istio lines
+        in the other backend."""
+        return {"missing": sum(len(f.missing()) for f in self.families),
+                "unexpected": sum(len(f.unexpected()) for f in self.families),
+                "other_backend": sum(len(lines) for _, lines in self.other)}
 
     def diff(self) -> str:
         """A unified diff, planned -> live, of each drifting family ("" when everything matches)."""
@@ -68,6 +77,11 @@ class VerifyResult:
             if f.drift:
                 out += difflib.unified_diff(f.planned, f.live, f"planned IPv{f.family}", f"live IPv{f.family}",
                                             lineterm="", n=2)
+        for family, lines in self.other:
+            if lines:
+                out.append(f"+++ IPv{family} Istio rules in the {self.other_backend} backend, which istio-vm does "
+                           f"not use ({self.backend} is): they capture traffic too")
+                out += [f"+{line}" for line in lines]
         return "\n".join(out) + ("\n" if out else "")
 
     def to_json(self) -> str:
@@ -75,6 +89,9 @@ class VerifyResult:
             "drift": self.drift,
             "backend": self.backend,
             "processes": self.processes,
+            "counts": self.counts(),
+            "other_backend": {"backend": self.other_backend,
+                              "families": {str(family): list(lines) for family, lines in self.other}},
             "families": {str(f.family): {"drift": f.drift, "missing": f.missing(), "unexpected": f.unexpected(),
                                          "order_differs": f.drift and not f.missing() and not f.unexpected(),
                                          "planned": list(f.planned), "live": list(f.live)}
@@ -107,9 +124,12 @@ def compare(plan: Plan, *, backend: str | None = None, runner: Runner | None = N
     owners = None if owners is None else owners | previous.owners
     snap = take(counting, override=backend, recorded=recorded, optional=set() if plan.v6 else {6},
                 proc_net=proc_net)
+    other = other_saves(counting, snap.backend, FAMILIES, proc_net)
     planned = saved_in_scratch_netns(counting, snap.backend, plan)
     verdicts = tuple(
         FamilyVerdict(family, tuple(everything(planned.get(family, "")).view()),
                       tuple(find(snap.saves.get(family, ""), owners).view()))
         for family in FAMILIES)
-    return VerifyResult(snap.backend, verdicts, len(counting.calls))
+    found_other = tuple((family, tuple(find(text, owners).view())) for family, text in sorted(other.items()))
+    return VerifyResult(snap.backend, verdicts, len(counting.calls), "legacy" if snap.backend == "nft" else "nft",
+                        found_other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -130,3 +131,27 @@ def test_istio_start_init_with_1_9_flags(vm: Vm) -> None:
     assert "-A ISTIO_OUTPUT -m owner --uid-owner 997 -j RETURN" in save
     vm.istio_vm("start", "clean")
     assert "ISTIO" not in vm.ns.run("iptables-save").stdout
+
+
+def test_verify_reads_both_backends_and_install_repairs_while_ours_stay_atomic(vm: Vm) -> None:
+    """1.9's rules left in legacy while ours are in nft: double capture. verify says so (exit 1), install repairs."""
+    resolv = ("--resolv-conf", str(REFERENCE / "resolv.conf"))
+    vm.write(reference_env() + "ISTIO_IPTABLES_BACKEND=nft\n")
+    vm.istio_vm("iptables", "install", *resolv)
+    netns_iptables.restore(vm.ns, "legacy", 4, (REFERENCE / "expected-v4.restore").read_text())  # 1.9's
+    status, out, err = vm.istio_vm("iptables", "verify", *resolv, check=1)
+    assert status == 1
+    assert "+++ IPv4 Istio rules in the legacy backend, which istio-vm does not use (nft is): they capture " \
+           "traffic too" in out
+    assert "+-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in out
+    legacy_lines = sum(1 for line in out.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    assert f"0 planned lines missing, 0 unexpected, {legacy_lines} Istio lines in the legacy backend" in err
+    _, as_json, _ = vm.istio_vm("iptables", "verify", "--json", *resolv, check=1)
+    report = json.loads(as_json)
+    assert report["counts"] == {"missing": 0, "unexpected": 0, "other_backend": legacy_lines}
+    assert report["other_backend"]["backend"] == "legacy"
+    # The repair: install (atomic for ours), which removes the Istio rules from the other backend too.
+    _, _, err = vm.istio_vm("iptables", "install", *resolv)
+    assert "Removing the Istio rules found in the legacy backend (IPv4): nft is in use" in err
+    vm.istio_vm("iptables", "verify", *resolv)
+    assert "ISTIO" not in netns_iptables.save(vm.ns, "legacy", 4)

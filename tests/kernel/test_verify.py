@@ -39,7 +39,8 @@ def test_match_after_install_even_among_foreign_rules(ns: Netns, backend: str, t
     result = run_verify(ns, backend, TPROXY)
     assert not result.drift
     assert result.diff() == ""
-    assert result.processes == 3  # two saves, one scratch namespace
+    # two saves, one scratch namespace; with legacy in use, nft's two saves too (Istio rules there would capture)
+    assert result.processes == (3 if backend == "nft" else 5)
     # every planned line (and the two table headers), in canonical form
     assert len(result.families[0].planned) == 2 + sum(line.startswith("-") for line in TPROXY.splitlines())
 

@@ -248,8 +248,12 @@ def test_nft_wins_when_both_backends_have_rules(run_dir: str, tmp_path: Path,
     with caplog.at_level(logging.WARNING):
         report = apply.install_plan(Plan.from_restore(REF), run_dir=run_dir, runner=fake, proc_net=str(proc))
     assert report.backend == "nft"
-    assert fake.argvs[-1] == RESTORE4
+    # ours installed in nft, then the Istio rules left in legacy removed (they would capture traffic twice)
+    assert fake.argvs[-3:] == [RESTORE4, ("iptables-legacy-save",),
+                               ("iptables-legacy-restore", "--noflush", "--wait=30")]
+    assert (fake.input_of("iptables-legacy-restore") or "").startswith("*nat\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n")
     assert "Istio rules exist in the legacy backend" in caplog.text
+    assert "Removing the Istio rules found in the legacy backend (IPv4): nft is in use" in caplog.text
 
 
 def test_backend_override_never_probes(run_dir: str, tmp_path: Path) -> None:
