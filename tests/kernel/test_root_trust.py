@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_vm.errors import LockedError, UntrustedPathError
+from istio_vm.errors import ExitStatus, LockedError, UntrustedPathError
 from istio_vm.iptables import apply, state
 from istio_vm.service import start
 from istio_vm.service.proxy_output import ProxyOutput
@@ -247,7 +247,7 @@ def test_reload_cli_refuses_a_forged_pid(root_dir: Path) -> None:
             done = subprocess.run([str(ISTIO_VM), "--sidecar-env", "/nonexistent", "--cluster-env", "/nonexistent",
                                    "reload"], capture_output=True, text=True, timeout=30, check=False,
                                   env={"PATH": os.environ["PATH"], "ISTIO_VM_RUN_DIR": str(run_dir)})
-        assert done.returncode == 4, done.stderr
+        assert done.returncode == ExitStatus.LOCKED, done.stderr
         assert "not signalling" in done.stderr
         assert bystander.poll() is None  # never signalled
     finally:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from istio_vm.errors import ExitStatus
 from testbed.service import Service, ensure_user, service
 from testbed.wait import process_gone, wait_for
 
@@ -96,7 +97,7 @@ def test_a_failed_exec_is_reported_and_counted_as_an_exit(svc: Service) -> None:
     os.unlink(f"{svc.env['ISTIO_BIN_BASE']}/pilot-agent")
     svc.start("run")
     status, _, err = svc.wait_exit()
-    assert status == 3, err
+    assert status == ExitStatus.CRASH_LOOP, err
     assert "could not start: " in err
     assert "No such file or directory" in err
     assert [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.name() == "pilot-agent"] == []
