@@ -41,7 +41,7 @@ WAIT_INTERVAL = 0.05
 # would leave the old rules where the new install does not look).
 RESTART_ONLY = ("EXEC_USER", "ISTIO_VM_RUN_DIR", "ISTIO_VM_PROXY", "ISTIO_LOG_TARGET", "ISTIO_LOG_DIR",
                 "ENVOY_BASE_ID", "ENVOY_ADMIN_PORT", "ISTIO_CUSTOM_IP_TABLES", "ISTIO_IPTABLES_BACKEND",
-                "ISTIO_INBOUND_INTERCEPTION_MODE")
+                "ISTIO_INBOUND_INTERCEPTION_MODE", "ISTIO_VM_CAPTURE")
 
 
 class ReloadError(IstioVmError):
@@ -76,6 +76,20 @@ def restart_only(config: Config) -> dict[str, str]:
     return {name: config.value(name).value for name in RESTART_ONLY}
 
 
+def helper_plan(config: Config) -> str | None:
+    """The rules the capture helper was started with (its digest), when the policy has parts that follow the
+    proxy; None under fail-closed. That root helper switches parts of the plan it was given at start, so a
+    reload that changes the plan would leave it switching the old rules: such a change needs a restart."""
+    import hashlib
+
+    from istio_vm.iptables.parts import CapturePolicy
+    from istio_vm.iptables.plan import build_plan
+
+    if not CapturePolicy(config.supervision.capture_policy).follows_proxy:
+        return None
+    return hashlib.sha256(repr(build_plan(config.capture)).encode()).hexdigest()
+
+
 # ---- the supervisor's side (set up by start as root, used unprivileged by the loop) --------------------------
 def prepare(config: Config, *, iptables: bool) -> ReloadChannel:
     """As root, before the drop: record what runs (the pid reload signals), clear a previous run's request.
@@ -91,7 +105,7 @@ def prepare(config: Config, *, iptables: bool) -> ReloadChannel:
     # MAINPID and another JOURNAL_STREAM). Root's only (0600): a unit's Environment= may hold secrets.
     _write_atomically(os.path.join(run_dir, RUNNING), json.dumps(
         {"pid": os.getpid(), "iptables": iptables, "settings": restart_only(config),
-         "environment": dict(os.environ)}) + "\n", 0o600)
+         "helper_plan": helper_plan(config) if iptables else None, "environment": dict(os.environ)}) + "\n", 0o600)
     return ReloadChannel(run_dir)
 
 
@@ -148,6 +162,12 @@ def reload(config: Config, *, install_iptables: Callable[[Config], object], time
         raise ConfigError(Problem(value.source, BY_NAME[name].variable, value.value,
                                   f"cannot change while istio-sidecar runs (running: {old!r}): "
                                   "systemctl restart istio-sidecar") for name, old, value in changed)
+    if running.helper_plan is not None and helper_plan(config) != running.helper_plan:
+        policy = config.value("ISTIO_VM_CAPTURE")
+        raise ConfigError([Problem(policy.source, "ISTIO_VM_CAPTURE", policy.value,
+                                   "the capture rules cannot change while istio-sidecar runs under this policy "
+                                   "(its helper switches the rules it started with): systemctl restart "
+                                   "istio-sidecar")])
     identity = privileges.resolve(config.agent.exec_user)
     command = proxy_command(config, identity.environment())
     request = Request(uuid.uuid4().hex, command, Policy.of(config.supervision, hot_restart=command.hot_restart))
@@ -182,6 +202,7 @@ class _Running:
     iptables: bool
     settings: dict[str, str]
     environment: dict[str, str]
+    helper_plan: str | None = None  # see helper_plan()
 
 
 def _running(run_dir: str) -> _Running:
@@ -194,7 +215,8 @@ def _running(run_dir: str) -> _Running:
             data = json.load(f)
         running = _Running(int(data["pid"]), bool(data["iptables"]),
                            {str(k): str(v) for k, v in data["settings"].items()},
-                           {str(k): str(v) for k, v in data["environment"].items()})
+                           {str(k): str(v) for k, v in data["environment"].items()},
+                           None if data.get("helper_plan") is None else str(data["helper_plan"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         running = None
     if pid is None or running is None or running.pid != pid:

@@ -132,21 +132,21 @@ def test_fail_closed_keeps_capture_across_sigkill_of_istio_vm_and_systemctl_rest
 
 
 def test_crash_loop_that_exhausts_the_restarts_and_stop_during_auto_restart_leave_no_rule(vm: Vm) -> None:
-    # Every start of the proxy crashes: istio-vm gives up (exit 3) and systemd restarts it until the
-    # start limit (5 in 10 min). RestartSec is shortened by a drop-in only to keep the test short.
+    # Every start of the proxy crashes: istio-vm gives up (exit 69) and systemd restarts it until the
+    # start limit (10 in 2 min). RestartSec is shortened by a drop-in only to keep the test short.
     agent_mode(vm, DOUBLE_CRASH_AT_START="1", ISTIO_VM_MAX_RESTARTS="1")
     vm.write(PurePosixPath(f"/etc/systemd/system/{UNIT}.d/test.conf"), "[Service]\nRestartSec=0.3s\n")
     vm.c.systemctl("daemon-reload")
     before = vm.rules()
     vm.c.systemctl("start", UNIT, check=False, timeout=120)
     wait_for(lambda: vm.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail for good")
-    # systemd 252 refuses the 6th start (StartLimitBurst=5): failed with the last run's result.
+    # systemd 252 refuses the 11th start (StartLimitBurst=10): failed with the last run's result.
     assert vm.show("Result", "NRestarts", "ExecMainStatus") == {
-        "Result": "exit-code", "NRestarts": "5", "ExecMainStatus": "3"}
+        "Result": "exit-code", "NRestarts": "10", "ExecMainStatus": "69"}
     kept = [e["MESSAGE"] for e in vm.journal() if e.get("ISTIO_CAPTURE") == "kept"]
-    # Five starts (StartLimitBurst), each exit 3 kept the rules for the next, the last one too; then
+    # Ten starts (StartLimitBurst), each exit 69 kept the rules for the next, the last one too; then
     # "Start request repeated too quickly", failed, OnFailure= cleaned.
-    assert len(kept) == 5, kept
+    assert len(kept) == 10, kept
     wait_for(lambda: vm.c.systemctl("show", "--property=ActiveState", "--value", CLEANUP).stdout.strip()
              == "inactive" and vm.c.journal("--unit", CLEANUP), 30, "the cleanup unit")
     [clean] = [e for e in vm.c.journal("--unit", CLEANUP) if e["MESSAGE"].startswith("iptables clean: ")]

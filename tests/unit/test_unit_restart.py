@@ -10,10 +10,11 @@ from istio_vm.service.start import run_lock
 from istio_vm.service.unit_restart import UnitFacts, clean_unless_restarting, coming_back, systemctl_facts
 
 UNIT = "istio-sidecar.service"
+PREVENT = ("64", "77", "78")  # the unit's RestartPreventExitStatus=
 
 
 def stop_post(result: str, code: str, status: str, *jobs: str, restart: str = "on-failure") -> UnitFacts:
-    return UnitFacts("deactivating", "stop-post", restart, ("78",), jobs, result, code, status)
+    return UnitFacts("deactivating", "stop-post", restart, PREVENT, jobs, result, code, status)
 
 
 @pytest.mark.parametrize(("facts", "kept"), [
@@ -21,10 +22,13 @@ def stop_post(result: str, code: str, status: str, *jobs: str, restart: str = "o
     (stop_post("success", "exited", "0", "restart"), True),  # systemctl restart
     (stop_post("success", "exited", "0"), False),  # exited 0 by itself: Restart=on-failure does nothing
     (stop_post("signal", "killed", "KILL"), True),  # istio-vm SIGKILLed: restarted after RestartSec
-    (stop_post("exit-code", "exited", "3"), True),  # crash loop: restarted (until the start limit)
-    (stop_post("exit-code", "exited", "78"), False),  # RestartPreventExitStatus=78
+    (stop_post("exit-code", "exited", "69"), True),  # crash loop: restarted (until the start limit)
+    (stop_post("exit-code", "exited", "78"), False),  # RestartPreventExitStatus=64 77 78
+    (stop_post("exit-code", "exited", "64"), False),
+    (stop_post("exit-code", "exited", "77"), False),
+    (stop_post("exit-code", "exited", "75"), True),  # already running: retried
     (stop_post("exit-code", "exited", "78", "start"), False),  # ... also when the failing start is its job
-    (stop_post("exit-code", "exited", "3", "start"), True),
+    (stop_post("exit-code", "exited", "69", "start"), True),
     (stop_post("signal", "killed", "KILL", "stop"), False),  # killed while being stopped
     (stop_post("watchdog", "killed", "ABRT"), True),
     (stop_post("signal", "killed", "KILL", restart="no"), False),
