@@ -8,6 +8,7 @@ to do is the machine's answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import selectors
@@ -129,7 +130,10 @@ class Loop:
             self.command.argv(0), dict(self.command.environment))
         if self.supervisor.reload_refusal() is None:
             self._before_reload = (self.command, self.supervisor.policy)
-            self.command, self.supervisor.policy = request.command, request.policy
+            # ISTIO_VM_CAPTURE needs a restart (reload.RESTART_ONLY): the parts that follow the proxy stay.
+            self.command = request.command
+            self.supervisor.policy = dataclasses.replace(
+                request.policy, capture_follows=self.supervisor.policy.capture_follows)
         self._execute(self.supervisor.reload(request.id, changed))
 
     def _read(self, key: selectors.SelectorKey) -> bool:

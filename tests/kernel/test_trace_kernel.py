@@ -78,8 +78,9 @@ COMMIT
 """
 
 
-def config_for(setup: Setup, vm_if: str) -> Config:
-    env = {k: v.format(vm_if=vm_if) for k, v in setup.env.items()}
+def config_for(setup: Setup, vm_if: str, run_dir: str) -> Config:
+    # The run dir the install wrote its state to: the host's own /run/istio-vm may hold another's.
+    env = {k: v.format(vm_if=vm_if) for k, v in setup.env.items()} | {"ISTIO_VM_RUN_DIR": run_dir}
     return build(Shell(env, dict.fromkeys(env, "cluster.env:1")), Host(users=EveryUser()),
                  ResolvConf("/etc/resolv.conf", f"nameserver {NAMESERVER}\n"))
 
@@ -205,7 +206,7 @@ def landed(answer: str) -> tuple[bool, int] | None:
 @contextlib.contextmanager
 def installed(setup: Setup, tmp_path_str: str, backend: str, foreign: str = "") -> Iterator[tuple[Pair, Config]]:
     with pair("istio-vm-tr") as p:
-        config = config_for(setup, p.vm_if)
+        config = config_for(setup, p.vm_if, tmp_path_str)
         plan = build_plan(config.capture)
         with p.vm.entered():
             apply.install_plan(plan, backend=backend, run_dir=tmp_path_str)

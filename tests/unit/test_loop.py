@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from istio_vm.errors import ExitStatus
+from istio_vm.iptables.parts import Part
 from istio_vm.service.loop import MAX_LINE
 from istio_vm.service.machine import Policy
+from istio_vm.service.reload import Request
 from tests.sim import AGENT, ENVOY, EXIT_0, EXIT_1, TERMED, FakeChild, Sim
 
 
@@ -208,3 +210,45 @@ def test_every_transition_is_logged_once_with_old_and_new_state() -> None:
     changes = [(e.fields["ISTIO_PREVIOUS_STATE"], e.fields["ISTIO_STATE"]) for e in sim.events
                if e.fields.get("ISTIO_EVENT") == "state"]
     assert changes == [("new", "starting"), ("starting", "running"), ("running", "stopping"), ("stopping", "stopped")]
+
+
+class _OneRequest:
+    """The reload channel with one `istio-vm reload` request waiting; the answers it was given."""
+
+    def __init__(self, request: Request) -> None:
+        self.request: Request | None = request
+        self.reports: list[tuple[str, bool, str]] = []
+
+    def take(self) -> Request | None:
+        request, self.request = self.request, None
+        return request
+
+    def report(self, request: str, ok: bool, message: str) -> None:
+        self.reports.append((request, ok, message))
+
+
+class _Helper:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.switched: list[tuple[frozenset[Part], bool]] = []
+
+    def switch(self, parts: frozenset[Part], on: bool) -> None:
+        self.switched.append((parts, on))
+
+
+def test_a_reload_takes_the_new_drain_times_and_keeps_the_parts_that_follow_the_proxy() -> None:
+    follows = frozenset({Part.OUTBOUND})
+    sim = Sim(ENVOY, policy=Policy(hot_restart=True, backoff_initial=1.0, capture_follows=follows))
+    helper, channel = _Helper(), _OneRequest(Request("r1", ENVOY, Policy(hot_restart=True, termination_drain=3.0)))
+    sim.loop.capture, sim.loop.reloads = helper, channel  # type: ignore[assignment]
+    exit_on_sigterm(sim, TERMED)
+    sim.signal_at(1.0, signal.SIGHUP)
+    sim.at(2.0, lambda: sim.exit(1000, EXIT_0))  # epoch 0 leaves after the hand-over
+    sim.at(3.0, lambda: sim.exit(1001, EXIT_1))  # epoch 1 crashes: the outbound part is lifted again
+    sim.signal_at(4.5, signal.SIGTERM)
+    sim.run()
+    assert channel.reports == [("r1", True, "epoch 1 ready (pid 1001)")]
+    assert sim.supervisor.policy.termination_drain == 3.0
+    assert sim.supervisor.policy.capture_follows == follows
+    assert (follows, False) in helper.switched[-2:]
