@@ -239,7 +239,8 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
 
-    result = commands.verify(load_config(args))
+    config = load_config(args)
+    result = commands.verify(config)
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
     elif result.drift:
@@ -254,6 +255,10 @@ def cmd_iptables_verify(args: argparse.Namespace) -> ExitStatus:
     else:
         _log().info("the iptables rules match the configuration (backend %s)", result.backend,
                     extra={"ISTIO_EVENT": "verify", **fields})
+    if config.supervision.metrics_file:
+        from istio_vm.service.metrics_file import record_verify
+
+        record_verify(config.supervision.run_dir, counts)
     return ExitStatus.FAILURE if result.drift else ExitStatus.OK
 
 

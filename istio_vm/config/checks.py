@@ -215,3 +215,12 @@ def integer(low: int, high: int) -> Check:
 
 def absolute_path(text: str) -> str | None:
     return None if text.startswith("/") else "not an absolute path"
+
+
+def metrics_file(text: str) -> str | None:
+    if not text.startswith("/"):
+        return "not an absolute path"
+    name = text.rsplit("/", 1)[1]
+    if not name.endswith(".prom") or name.startswith("."):
+        return "not a *.prom file name (node_exporter's textfile collector reads only those)"
+    return None

@@ -33,6 +33,8 @@ def load(sources: Sources, environ: Mapping[str, str], host: Host | None = None,
     config = build(shell, host, read_resolv_conf(sources.resolv_conf))
     if config.supervision.log_target == "files":
         check_log_dir(config)
+    if config.supervision.metrics_file:
+        check_metrics_dir(config)
     return config
 
 
@@ -49,8 +51,30 @@ def check_log_dir(config: Config) -> None:
         raise ConfigError([Problem(value.source, "ISTIO_LOG_DIR", value.value, f"{reason} (ISTIO_LOG_TARGET=files)")])
 
 
-def log_dir_problem(path: str, user: User) -> str | None:
-    """Why `user` could not append to LOG_FILES in directory `path`, or None."""
+def check_metrics_dir(config: Config) -> None:
+    """ISTIO_VM_METRICS_FILE: the supervisor (EXEC_USER, after the drop) writes it by rename(2) in its
+    directory, so it must be able to create files there: found now, before anything runs (exit 78)."""
+    value = config.values["ISTIO_VM_METRICS_FILE"]
+    directory = os.path.dirname(value.value)
+    reason = dir_problem(directory, config.agent.exec_user)
+    if reason is not None:
+        reason = f"directory {directory}: {reason}"
+    else:
+        try:
+            found = os.lstat(value.value)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            reason = f"cannot be used: {e.strerror}"
+        else:
+            if not stat.S_ISREG(found.st_mode):
+                reason = f"is {file_kind(found.st_mode)}, not a regular file: move it away"
+    if reason is not None:
+        raise ConfigError([Problem(value.source, "ISTIO_VM_METRICS_FILE", value.value, reason)])
+
+
+def dir_problem(path: str, user: User) -> str | None:
+    """Why `user` could not create files in directory `path`, or None."""
     groups = {user.gid, *os.getgrouplist(user.name, user.gid)}
     try:
         info = os.stat(path)
@@ -60,6 +84,18 @@ def log_dir_problem(path: str, user: User) -> str | None:
             return "on a read-only file system (the unit allows writes only under ReadWritePaths=)"
         if not _may_write(info, user.uid, groups, search=True):
             return f"{user.name} (uid {user.uid}) may not create files in it"
+    except OSError as e:
+        return f"cannot be used: {e.strerror}"
+    return None
+
+
+def log_dir_problem(path: str, user: User) -> str | None:
+    """Why `user` could not append to LOG_FILES in directory `path`, or None."""
+    reason = dir_problem(path, user)
+    if reason is not None:
+        return reason
+    groups = {user.gid, *os.getgrouplist(user.name, user.gid)}
+    try:
         for name in LOG_FILES:
             try:
                 found = os.lstat(os.path.join(path, name))

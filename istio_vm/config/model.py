@@ -126,6 +126,7 @@ class Supervision:
     log_target: str | None  # None: journal under systemd, else stderr
     run_dir: str
     capture_policy: str = "fail-closed"  # ISTIO_VM_CAPTURE (iptables/parts.py: CapturePolicy)
+    metrics_file: str = ""  # ISTIO_VM_METRICS_FILE; "" none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -288,6 +288,7 @@ def _supervision(r: _Resolver) -> Supervision:
         log_target=r.take("ISTIO_LOG_TARGET") or None,
         run_dir=r.take("ISTIO_VM_RUN_DIR"),
         capture_policy=r.take("ISTIO_VM_CAPTURE") if r.ok("ISTIO_VM_CAPTURE") else "fail-closed",
+        metrics_file=r.take("ISTIO_VM_METRICS_FILE"),
     )
     _check_restart_budget(r, supervision)
     return supervision

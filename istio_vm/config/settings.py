@@ -188,6 +188,11 @@ SETTINGS: tuple[Setting, ...] = (
             v.choice("journal", "stderr", "files"),
             since_19="1.9 truncated istio.log at every start; istio-vm appends and reopens on SIGUSR1."),
     Setting("ISTIO_VM_RUN_DIR", U, "/run/istio-vm", "Lock and iptables state of istio-vm.", v.absolute_path),
+    Setting("ISTIO_VM_METRICS_FILE", U, "", "A file in Prometheus' text format that istio-vm keeps up to date "
+            "(up, ready, epoch, restarts, capture, rules, the last verify), for node_exporter's textfile "
+            "collector, e.g. /var/lib/prometheus/node-exporter/istio-sidecar.prom; empty: none. EXEC_USER "
+            "must be able to create files in its directory (checked before anything runs). docs/operations.md, "
+            "*Metrics*.", v.metrics_file),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

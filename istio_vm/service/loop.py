@@ -43,6 +43,7 @@ from istio_vm.service.signals import SignalQueue
 
 if TYPE_CHECKING:
     from istio_vm.service.machine import Policy
+    from istio_vm.service.metrics_file import MetricsWriter
     from istio_vm.service.reload import ReloadChannel
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class Loop:
     capture: CaptureHelper | None = None  # the fail-open policies' privileged helper
     _capture_on: frozenset[Part] = field(init=False, default=ALL_PARTS)
     _before_reload: tuple[ProxyCommand, Policy] | None = field(init=False, default=None)
+    metrics: MetricsWriter | None = None  # ISTIO_VM_METRICS_FILE
+    _reloads_done: dict[bool, int] = field(init=False, default_factory=dict)  # by outcome, for the metrics
 
     def run(self, signals: SignalQueue) -> int:
         """Supervise until the proxy is stopped (or given up on); the exit status of istio-vm."""
@@ -101,11 +104,29 @@ class Loop:
             self._execute(self.supervisor.tick())
             self._watchdog()
             self.notifier.flush()  # what a full notify socket held back
+            self._update_metrics()
         self._flush_output()
+        self._update_metrics()  # stopped: up 0, with the exit status
         return 1 if self.supervisor.exit_status is None else self.supervisor.exit_status
+
+    def _update_metrics(self) -> None:
+        """The metrics file, rewritten when anything in it changed (the writer compares the text)."""
+        if self.metrics is None:
+            return
+        s = self.supervisor
+        self.metrics.update(
+            state=str(s.state), ready=any(e.ready for e in s.epochs.values()),
+            epoch=None if s.current is None else s.current.number, restarts=s.restart_reasons,
+            reloads=self._reloads_done, last_exit=s.last_exit, exits_seen=s.exits_lost,
+            capture=self._capture_on if self.capture is not None else ALL_PARTS,
+            exit_status=s.exit_status)
 
     # ---- events ---------------------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGUSR2:  # `istio-vm iptables verify` recorded its result (metrics_file.py)
+            if self.metrics is not None:
+                self.metrics.read_verify()
+            return
         if signum not in SIGNALS:
             return
         event, journal_event = SIGNALS[signum]
@@ -128,6 +149,8 @@ class Loop:
             return
         changed = (request.command.argv(0), dict(request.command.environment)) != (
             self.command.argv(0), dict(self.command.environment))
+        if request.rules is not None and self.metrics is not None:  # reload installed them already
+            self.metrics.new_rules(dict(request.rules))
         if self.supervisor.reload_refusal() is None:
             self._before_reload = (self.command, self.supervisor.policy)
             # ISTIO_VM_CAPTURE needs a restart (reload.RESTART_ONLY): the parts that follow the proxy stay.
@@ -207,6 +230,7 @@ class Loop:
                 case SetCapture(on=on, reason=reason):
                     self._set_capture(on, reason)
                 case ReloadDone(request=request, ok=ok, message=message):
+                    self._reloads_done[ok] = self._reloads_done.get(ok, 0) + 1
                     if not ok and self._before_reload is not None:  # what runs now is the previous settings
                         self.command, self.supervisor.policy = self._before_reload
                     self._before_reload = None

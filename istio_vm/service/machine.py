@@ -189,6 +189,10 @@ class Supervisor:
     _reload_request: str | None = field(init=False, default=None)  # the reload under way, if any
     _replacing: Epoch | None = field(init=False, default=None)  # agent mode: the epoch a reload stops
     _down_since: float | None = field(init=False, default=None)  # agent mode: when the replaced epoch exited
+    # For the metrics file (metrics.py): epochs started to replace another, by reason, and the last lost one's end.
+    restart_reasons: dict[str, int] = field(init=False, default_factory=dict)
+    last_exit: tuple[str, str] | None = field(init=False, default=None)  # (kind, detail): exit_kind()
+    exits_lost: int = field(init=False, default=0)  # how many times last_exit was set
 
     # ---- events -----------------------------------------------------------------------------
     def start(self) -> list[Action]:
@@ -206,7 +210,7 @@ class Supervisor:
         """The epoch could not even be started (e.g. the binary is missing): like an exit."""
         record = self._epoch_by_number(epoch)
         log.error("Epoch %s could not start: %s", epoch, reason, extra={"ISTIO_EVENT": "exit", "ISTIO_EPOCH": epoch})
-        return self._lost(record, reason)
+        return self._lost(record, reason, ("spawn_failed", reason))
 
     def ready(self, epoch: int) -> list[Action]:
         record = self.current
@@ -247,7 +251,7 @@ class Supervisor:
             log.log(level, "Epoch %s (previous) exited: %s", record.number, reason, extra=extra)
             return [*self._lift_if_none_ready(f"epoch {record.number} exited"), self._status()]
         log.error("Epoch %s exited: %s", record.number, reason, extra=extra)
-        return self._lost(record, reason)
+        return self._lost(record, reason, exit_kind(status))
 
     def terminate(self) -> list[Action]:
         """SIGTERM or SIGINT: drain, then stop; a second one shortens the drain."""
@@ -322,6 +326,7 @@ class Supervisor:
                 return [ReloadDone(request, True, message)]
             now = self.clock()
             self._reload_request, self._replacing = request, self.current
+            self._count_restart("reload")
             self._enter(State.RELOADING, deadline=now + self.policy.termination_drain + self.policy.stop_timeout)
             self._next_probe = None
             log.info("Reload: pilot-agent's arguments or environment changed: stopping epoch %s, then starting "
@@ -329,6 +334,7 @@ class Supervisor:
                      extra={"ISTIO_EVENT": "reload", "ISTIO_EPOCH": self.current.number})
             return [Notify("RELOADING=1"), Signal(self.current.pid, signal.SIGTERM)] if self.current.pid else []
         self._reload_request = request
+        self._count_restart("hot_restart")
         self._enter(State.RELOADING)
         log.info("Hot restart: starting epoch %s beside epoch %s", self._next_epoch, self.current.number,
                  extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
@@ -427,9 +433,13 @@ class Supervisor:
             return self.current
         raise ValueError(f"epoch {number} is not the current epoch")
 
-    def _lost(self, record: Epoch, reason: str) -> list[Action]:
+    def _count_restart(self, reason: str) -> None:
+        self.restart_reasons[reason] = self.restart_reasons.get(reason, 0) + 1
+
+    def _lost(self, record: Epoch, reason: str, kind: tuple[str, str]) -> list[Action]:
         """The current epoch is gone: fall back to the previous one, restart later, or give up."""
         now = self.clock()
+        self.last_exit, self.exits_lost = kind, self.exits_lost + 1
         survivors = sorted(self.epochs.values(), key=lambda e: e.number)
         actions: list[Action] = [] if record.pid is None else [KillTree(record.pid)]
         if self.state is State.RELOADING and survivors:
@@ -454,10 +464,11 @@ class Supervisor:
         self.current = None
         actions += self._lift_if_none_ready(f"epoch {record.number} exited")
         self.restarts += 1
+        self._count_restart(kind[0])
         self._enter(State.BACKOFF, deadline=now + delay)
         self._next_probe = None
         log.warning("Restarting in %.1fs (restart %s)", delay, self.restarts,
-                    extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch})
+                    extra={"ISTIO_EVENT": "restart", "ISTIO_EPOCH": self._next_epoch, "ISTIO_RESTART_REASON": kind[0]})
         return [*actions, self._status()]
 
     def _kill_epochs(self) -> list[Action]:
@@ -536,6 +547,21 @@ def describe_exit(status: int, *, killed_by_us: bool = False) -> str:
             text += " (sent by istio-vm)" if killed_by_us else " (perhaps out of memory?)"
         return text
     return f"ended with wait status {status:#x}"
+
+
+def exit_kind(status: int) -> tuple[str, str]:
+    """A wait status as the metrics file labels it: ("exit", "1") or ("signal", "SIGKILL").
+
+    >>> exit_kind(256), exit_kind(9)
+    (('exit', '1'), ('signal', 'SIGKILL'))
+    """
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return "signal", signal.Signals(number).name
+        except ValueError:
+            return "signal", str(number)
+    return "exit", str(os.WEXITSTATUS(status)) if os.WIFEXITED(status) else f"{status:#x}"
 
 
 def exited_cleanly(status: int) -> bool:

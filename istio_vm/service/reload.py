@@ -57,11 +57,15 @@ class Request:
     id: str
     command: ProxyCommand
     policy: Policy
+    rules: tuple[tuple[int, int], ...] | None = None  # (family, count) of the plan reload installed; None: none
 
     def to_json(self) -> str:
         command = dataclasses.asdict(self.command)
         command["environment"] = dict(self.command.environment)
-        return json.dumps({"id": self.id, "command": command, "policy": dataclasses.asdict(self.policy)})
+        policy = dataclasses.asdict(self.policy)
+        policy.pop("capture_follows")  # ISTIO_VM_CAPTURE needs a restart: the supervisor keeps its own
+        return json.dumps({"id": self.id, "command": command, "policy": policy,
+                           "rules": None if self.rules is None else [list(r) for r in self.rules]})
 
     @classmethod
     def from_json(cls, text: str) -> Request:
@@ -69,11 +73,21 @@ class Request:
         c = data["command"]
         command = ProxyCommand(**{**c, "before_epoch": tuple(c["before_epoch"]),
                                   "after_epoch": tuple(c["after_epoch"])})
-        return cls(str(data["id"]), command, Policy(**data["policy"]))
+        rules = data.get("rules")
+        return cls(str(data["id"]), command, Policy(**data["policy"]),
+                   None if rules is None else tuple((int(f), int(n)) for f, n in rules))
 
 
 def restart_only(config: Config) -> dict[str, str]:
     return {name: config.value(name).value for name in RESTART_ONLY}
+
+
+def rule_counts(config: Config) -> tuple[tuple[int, int], ...]:
+    """The rules of the config's plan per family, every part on (for the metrics file)."""
+    from istio_vm.iptables.plan import build_plan
+
+    plan = build_plan(config.capture)
+    return (4, len(plan.v4)), (6, len(plan.v6))
 
 
 def helper_plan(config: Config) -> str | None:
@@ -170,7 +184,8 @@ def reload(config: Config, *, install_iptables: Callable[[Config], object], time
                                    "istio-sidecar")])
     identity = privileges.resolve(config.agent.exec_user)
     command = proxy_command(config, identity.environment())
-    request = Request(uuid.uuid4().hex, command, Policy.of(config.supervision, hot_restart=command.hot_restart))
+    request = Request(uuid.uuid4().hex, command, Policy.of(config.supervision, hot_restart=command.hot_restart),
+                      rule_counts(config) if running.iptables else None)
     with _reload_lock(run_dir):
         if running.iptables:
             install_iptables(config)  # atomic per family; on failure rolled back, and the proxy is left alone

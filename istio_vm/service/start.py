@@ -22,6 +22,7 @@ from istio_vm.errors import ExitStatus, LockedError
 
 if TYPE_CHECKING:
     from istio_vm.service.capture_helper import CaptureHelper
+    from istio_vm.service.metrics_file import MetricsWriter
 
 log = logging.getLogger(__name__)
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
@@ -97,10 +98,24 @@ def raise_nofile() -> None:
     log.info("RLIMIT_NOFILE %s", hard)
 
 
+@contextlib.contextmanager
+def _ignored_until_the_loop(supervising: bool) -> Iterator[None]:
+    """`istio-vm reload` (SIGHUP) and `iptables verify` (SIGUSR2) signal the run lock's holder, and both
+    signals kill by default: ignored until the loop queues them. Ignoring would be inherited across exec,
+    but the loop's handlers are in place before the first spawn (exec resets a handler to the default)."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGHUP, signal.SIGUSR2)
+                if supervising}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def start(config: Config, mode: str, *, install_iptables: Callable[[Config], object]) -> int:
     """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
     log.info("istio-vm %s starting (mode %s)", __version__, mode or "default")  # which release runs, in the journal
-    with run_lock(config.supervision.run_dir):
+    with _ignored_until_the_loop(mode != "init"), run_lock(config.supervision.run_dir):
         if mode != "init":
             check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
         installed = install_iptables(config) if mode in ("", "init") else None
@@ -143,6 +158,28 @@ def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | No
                         backend=config.iptables.backend, owners=owners_of(config))
 
 
+def metrics_writer(config: Config, *, installed: bool) -> MetricsWriter | None:
+    """ISTIO_VM_METRICS_FILE's writer (None: not set), with the rule counts of each capture state when this
+    start installed the rules; as root, the previous run's verify result is dropped."""
+    from istio_vm.iptables.parts import ALL_PARTS, Part, plan_with
+    from istio_vm.iptables.plan import build_plan
+    from istio_vm.service.metrics_file import MetricsWriter, forget_verify
+
+    forget_verify(config.supervision.run_dir)
+    if not config.supervision.metrics_file:
+        return None
+    rules = None
+    if installed:
+        plan = build_plan(config.capture)
+        counts: dict[frozenset[Part], dict[int, int]] = {}
+        for on in (ALL_PARTS, *(ALL_PARTS - {part} for part in ALL_PARTS), frozenset()):
+            switched = plan_with(plan, on)
+            counts[on] = {4: len(switched.v4), 6: len(switched.v6)}
+        rules = counts.__getitem__
+    return MetricsWriter(config.supervision.metrics_file, config.supervision.run_dir, __version__,
+                         config.supervision.capture_policy, rules)
+
+
 def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -> int:
     """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
 
@@ -171,6 +208,7 @@ def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -
     if command.shared_memory is not None:
         processes.remove_foreign(command.shared_memory, identity.uid)
     helper = capture_helper_for(config, installed=capture)  # before the drop: it stays root (NET_ADMIN/RAW only)
+    metrics = metrics_writer(config, installed=capture)
     reloads = reload.prepare(config, iptables=iptables)
     privileges.drop_to(identity)
     output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
@@ -181,10 +219,11 @@ def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -
                                      .follows_proxy)
     supervisor = Supervisor(policy)
     try:
-        with captured((*SIGNALS, signal.SIGCHLD)) as queue:  # SIGCHLD wakes the loop's select
+        # SIGCHLD wakes the loop's select; SIGUSR2: a verify recorded its result for the metrics file.
+        with captured((*SIGNALS, signal.SIGUSR2, signal.SIGCHLD)) as queue:
             loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
                         watchdog_interval=watchdog_interval(os.environ, os.getpid()), capture=helper,
-                        reloads=reloads)
+                        reloads=reloads, metrics=metrics)
             return loop.run(queue)
     finally:
         output.close()

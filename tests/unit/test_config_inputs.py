@@ -254,3 +254,43 @@ def test_the_environment_shell_is_what_clean_reads() -> None:
     shell = Shell({"ISTIO_VM_RUN_DIR": "/run/x", "ENVOY_PORT": "015001"}, {"ISTIO_VM_RUN_DIR": "a.env:1"},
                   problems=(Problem("a.env", None, None, "not a regular file (a FIFO): not read"),))
     assert CleanSettings.from_shell(shell).run_dir == "/run/x"
+
+
+# ---- ISTIO_VM_METRICS_FILE -------------------------------------------------------------------------------
+
+def metrics_problems(tmp_path: Path, value: str) -> list[Problem]:
+    env = tmp_path / "c.env"
+    env.write_text(f"ISTIO_VM_METRICS_FILE={value}\n")
+    try:
+        load(Sources(sidecar_env=MISSING, cluster_env=str(env), resolv_conf=RESOLV_CONF), {}, fake_host())
+    except ConfigError as e:
+        return list(e.problems)
+    return []
+
+
+def test_a_metrics_file_in_a_directory_the_proxy_can_write_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "textfile").mkdir()
+    (tmp_path / "textfile").chmod(0o777)
+    assert metrics_problems(tmp_path, str(tmp_path / "textfile" / "istio-sidecar.prom")) == []
+
+
+@pytest.mark.parametrize(("setup", "name", "reason"), [
+    ("", "relative.prom", "not an absolute path"),
+    ("", "/var/tmp/istio.txt", "not a *.prom file name (node_exporter's textfile collector reads only those)"),
+    ("", "/var/tmp/.prom", "not a *.prom file name (node_exporter's textfile collector reads only those)"),
+    ("missing", "m.prom", "directory {d}: cannot be used: No such file or directory"),
+    ("not-writable", "m.prom", "directory {d}: istio-proxy (uid 997) may not create files in it"),
+    ("fifo", "m.prom", "is a FIFO, not a regular file: move it away"),
+])
+def test_an_unusable_metrics_file_is_a_config_error_before_anything_runs(setup: str, name: str, reason: str,
+                                                                         tmp_path: Path) -> None:
+    directory = tmp_path / "textfile"
+    if setup != "missing":
+        directory.mkdir()
+        directory.chmod(0o755 if setup == "not-writable" else 0o777)
+    if setup == "fifo":
+        os.mkfifo(directory / name)
+    value = str(directory / name) if setup else name
+    [problem] = metrics_problems(tmp_path, value)
+    assert (problem.where, problem.variable, problem.value) == (f"{tmp_path}/c.env:1", "ISTIO_VM_METRICS_FILE", value)
+    assert problem.message == reason.format(d=directory)
