@@ -199,15 +199,20 @@ def test_control_characters_in_names_of_files_stay_on_one_line(tmp_path: Path) -
 
 # ---- ISTIO_LOG_DIR, ISTIO_LOG_TARGET=files ---------------------------------------------------------
 
-def log_dir_problems(log_dir: Path, exec_user: str = "istio-proxy") -> list[Problem]:
-    """Load with the files target, the reference VM's users (istio-proxy is uid 997)."""
-    env = log_dir.parent / "c.env"
-    env.write_text(f"ISTIO_LOG_TARGET=files\nISTIO_LOG_DIR={log_dir}\nEXEC_USER={exec_user}\n")
+def problems_loading(env: Path, text: str) -> list[Problem]:
+    """Load `text` as cluster.env with the reference VM's users (istio-proxy is uid 997)."""
+    env.write_text(text)
     try:
         load(Sources(sidecar_env=MISSING, cluster_env=str(env), resolv_conf=RESOLV_CONF), {}, fake_host())
     except ConfigError as e:
         return list(e.problems)
     return []
+
+
+def log_dir_problems(log_dir: Path, exec_user: str = "istio-proxy") -> list[Problem]:
+    """With the files target."""
+    return problems_loading(log_dir.parent / "c.env",
+                            f"ISTIO_LOG_TARGET=files\nISTIO_LOG_DIR={log_dir}\nEXEC_USER={exec_user}\n")
 
 
 def test_a_log_dir_the_proxy_can_write_is_fine(tmp_path: Path) -> None:
@@ -259,13 +264,7 @@ def test_the_environment_shell_is_what_clean_reads() -> None:
 # ---- ISTIO_VM_METRICS_FILE -------------------------------------------------------------------------------
 
 def metrics_problems(tmp_path: Path, value: str) -> list[Problem]:
-    env = tmp_path / "c.env"
-    env.write_text(f"ISTIO_VM_METRICS_FILE={value}\n")
-    try:
-        load(Sources(sidecar_env=MISSING, cluster_env=str(env), resolv_conf=RESOLV_CONF), {}, fake_host())
-    except ConfigError as e:
-        return list(e.problems)
-    return []
+    return problems_loading(tmp_path / "c.env", f"ISTIO_VM_METRICS_FILE={value}\n")
 
 
 def test_a_metrics_file_in_a_directory_the_proxy_can_write_is_fine(tmp_path: Path) -> None:

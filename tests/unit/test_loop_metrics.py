@@ -34,8 +34,11 @@ def test_crash_restart_verify_and_stop_in_the_file(tmp_path: Path) -> None:
     sim.at(1.0, lambda: sim.exit(1000, EXIT_1))
     sim.at(1.5, lambda: look(path, seen))  # in the backoff
     sim.at(2.5, lambda: look(path, seen))  # epoch 1 ready
-    verified = json.dumps({"time": 990.0, "drift": {"missing": 0, "unexpected": 2, "other_backend": 0}})
-    sim.at(3.0, lambda: None if (tmp_path / VERIFY_RESULT).write_text(verified) else None)
+    def verified() -> None:  # what `istio-vm iptables verify` records before its SIGUSR2
+        (tmp_path / VERIFY_RESULT).write_text(json.dumps(
+            {"time": 990.0, "drift": {"missing": 0, "unexpected": 2, "other_backend": 0}}))
+
+    sim.at(3.0, verified)
     sim.signal_at(3.1, signal.SIGUSR2)
     sim.at(3.5, lambda: look(path, seen))
     sim.signal_at(4.0, signal.SIGTERM)
