@@ -155,13 +155,16 @@ def sources(args: argparse.Namespace) -> Sources:
 
 
 def load_config(args: argparse.Namespace, overrides: Mapping[str, tuple[str, str]] | None = None, *,
-                log_to_config_target: bool = False, environ: Mapping[str, str] | None = None) -> Config:
+                log_to_config_target: bool = False, environ: Mapping[str, str] | None = None,
+                check_writes: bool = False) -> Config:
     """The Config of the env files (plus `overrides`), its warnings logged (after choosing the log
-    target ISTIO_LOG_TARGET names, for `start`); `environ` is the process environment by default."""
+    target ISTIO_LOG_TARGET names, for `start`); `environ` is the process environment by default;
+    `check_writes` for the commands that run or check the service (config.load.load)."""
     from istio_vm import logs
     from istio_vm.config.load import load
 
-    config = load(sources(args), os.environ if environ is None else environ, overrides=overrides)
+    config = load(sources(args), os.environ if environ is None else environ, overrides=overrides,
+                  check_writes=check_writes)
     if log_to_config_target:
         logs.configure(logs.choose_target(config.supervision.log_target))
     for warning in config.warnings:
@@ -177,9 +180,9 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
         import logging
 
         logging.getLogger().setLevel(logging.WARNING)
-        load_config(args)
+        load_config(args, check_writes=True)
         return ExitStatus.OK
-    config = load_config(args)
+    config = load_config(args, check_writes=True)
     text = render.render_json(config) if args.json else render.render_text(config, show_source=args.show_source)
     sys.stdout.write(text)
     return ExitStatus.OK
@@ -323,7 +326,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if start_args.mode == "clean":
         commands.clean(clean_settings(args))
         return ExitStatus.OK
-    config = load_config(args, start_args.overrides, log_to_config_target=True)
+    config = load_config(args, start_args.overrides, log_to_config_target=True, check_writes=True)
     return start.start(config, start_args.mode, install_iptables=commands.install)
 
 
@@ -334,7 +337,7 @@ def cmd_reload(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.service import reload
 
     # The files as the running start would read them: with its process environment, not ExecReload's.
-    running = reload.start_environment(load(sources(args), os.environ).supervision.run_dir)
+    running = reload.start_environment(load(sources(args), os.environ, check_writes=False).supervision.run_dir)
     config = load_config(args, environ=running)  # invalid files: ConfigError, 78, and nothing is changed
     _log().info("Reloaded: %s", reload.reload(config, install_iptables=commands.install, timeout=args.timeout))
     return ExitStatus.OK

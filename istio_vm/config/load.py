@@ -22,18 +22,20 @@ from istio_vm.errors import ConfigError, Problem
 
 
 def load(sources: Sources, environ: Mapping[str, str], host: Host | None = None,
-         overrides: Mapping[str, tuple[str, str]] | None = None) -> Config:
+         overrides: Mapping[str, tuple[str, str]] | None = None, *, check_writes: bool = True) -> Config:
     """Read sidecar.env then cluster.env as `set -a; . FILE` would, and build the Config.
 
-    `host` None reads the real machine (or network namespace); tests pass their own.
+    `host` None reads the real machine (or network namespace); tests pass their own. `check_writes`: also
+    check the directories the service writes (ISTIO_LOG_DIR, ISTIO_VM_METRICS_FILE's), which `start` and
+    `config` do; commands that only read (verify, in a unit whose file system is read-only) do not.
     """
     shell = read_shell(sources, environ, os.geteuid() if host is None else host.euid, overrides)
     if host is None:
         host = read_host(user_names(shell.variables))
     config = build(shell, host, read_resolv_conf(sources.resolv_conf))
-    if config.supervision.log_target == "files":
+    if check_writes and config.supervision.log_target == "files":
         check_log_dir(config)
-    if config.supervision.metrics_file:
+    if check_writes and config.supervision.metrics_file:
         check_metrics_dir(config)
     return config
 

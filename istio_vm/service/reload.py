@@ -41,7 +41,7 @@ WAIT_INTERVAL = 0.05
 # would leave the old rules where the new install does not look).
 RESTART_ONLY = ("EXEC_USER", "ISTIO_VM_RUN_DIR", "ISTIO_VM_PROXY", "ISTIO_LOG_TARGET", "ISTIO_LOG_DIR",
                 "ENVOY_BASE_ID", "ENVOY_ADMIN_PORT", "ISTIO_CUSTOM_IP_TABLES", "ISTIO_IPTABLES_BACKEND",
-                "ISTIO_INBOUND_INTERCEPTION_MODE", "ISTIO_VM_CAPTURE")
+                "ISTIO_INBOUND_INTERCEPTION_MODE", "ISTIO_VM_CAPTURE", "ISTIO_VM_METRICS_FILE")
 
 
 class ReloadError(IstioVmError):

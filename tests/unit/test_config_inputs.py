@@ -293,3 +293,16 @@ def test_an_unusable_metrics_file_is_a_config_error_before_anything_runs(setup: 
     [problem] = metrics_problems(tmp_path, value)
     assert (problem.where, problem.variable, problem.value) == (f"{tmp_path}/c.env:1", "ISTIO_VM_METRICS_FILE", value)
     assert problem.message == reason.format(d=directory)
+
+
+def test_commands_that_only_read_do_not_check_the_directories_the_service_writes(tmp_path: Path) -> None:
+    """`iptables verify` runs in a unit whose file system is read-only (ProtectSystem=strict): the log and
+    metrics directories it cannot write are start's business (and config --check's), not a config error."""
+    (tmp_path / "ro").mkdir(mode=0o755)
+    env = tmp_path / "c.env"
+    env.write_text(f"ISTIO_LOG_TARGET=files\nISTIO_LOG_DIR={tmp_path}/ro\nISTIO_VM_METRICS_FILE={tmp_path}/ro/m.prom\n")
+    sources = Sources(sidecar_env=MISSING, cluster_env=str(env), resolv_conf=RESOLV_CONF)
+    with pytest.raises(ConfigError) as checked:
+        load(sources, {}, fake_host())
+    assert [p.variable for p in checked.value.problems] == ["ISTIO_LOG_DIR"]  # the first found: start stops there
+    assert load(sources, {}, fake_host(), check_writes=False).supervision.metrics_file == f"{tmp_path}/ro/m.prom"
