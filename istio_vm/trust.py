@@ -8,6 +8,7 @@ and `open_checked` (O_NOFOLLOW, then fstat of what was opened) say so or raise U
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -118,4 +119,26 @@ def open_checked(path: str, flags: int, mode: int = 0o644, *, owners: tuple[int,
         return fd
     except BaseException:
         os.close(fd)
+        raise
+
+
+def write_atomic(directory: str, name: str, text: str, mode: int = 0o644) -> None:
+    """Replace directory/name with `text` atomically: a temporary file in the same checked directory,
+    fsync, rename. mkstemp gives an unpredictable name created with O_EXCL, so a link planted at any
+    name is never followed, and the rename replaces a link at `name` rather than writing through it.
+    """
+    check_root_dir(directory)
+    import tempfile  # here: only writers need it; plan, verify and clean do not load it
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise

@@ -79,26 +79,8 @@ def _from_json(data: object) -> RunState:
 
 
 def write(run_dir: str, state: RunState) -> None:
-    """Write the state file atomically: a temporary file in the same directory, fsync, rename.
-
-    mkstemp: an unpredictable name, created with O_EXCL (a link planted there is never followed).
-    """
-    trust.check_root_dir(run_dir)
-    path = os.path.join(run_dir, STATE_FILE)
-    import tempfile  # here: only an install writes the state; plan, verify and clean need not load it
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=run_dir)
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write the state file atomically (trust.write_atomic: a planted link is never followed)."""
+    trust.write_atomic(run_dir, STATE_FILE, state.to_json())
 
 
 def remove(run_dir: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from istio_vm.errors import ExitStatus, LockedError, UntrustedPathError
-from istio_vm.iptables import apply, state
+from istio_vm.iptables import apply, capture_state, state
+from istio_vm.iptables.parts import Part
 from istio_vm.service import start
 from istio_vm.service.proxy_output import ProxyOutput
 from testbed.netns import Netns
@@ -103,6 +104,32 @@ def test_the_state_file_is_written_through_an_unpredictable_exclusive_temporary(
     assert state.read(str(root_dir)) == recorded
     assert oct((root_dir / state.STATE_FILE).stat().st_mode & 0o777) == "0o644"
     assert not [p for p in os.listdir(root_dir) if p.startswith(f".{state.STATE_FILE}")]  # no temporary left
+
+
+def test_the_capture_file_follows_no_link_another_user_planted(root_dir: Path, other: int,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """capture.json (what the fail-open policies' service says is on, for verify): the old temporary name
+    was capture.json.tmp.PID, written with open() as root; now neither it nor a link at capture.json
+    itself is followed, and only root's own regular file is believed."""
+    target = secret(root_dir)
+    path = root_dir / capture_state.CAPTURE_FILE
+    for pid in (os.getpid(), os.getpid() + 1):
+        planted = root_dir / f"{capture_state.CAPTURE_FILE}.tmp.{pid}"
+        planted.symlink_to(target)
+        os.lchown(planted, other, other)
+    path.symlink_to(target)
+    os.lchown(path, other, other)
+    assert capture_state.read_expected(str(root_dir)) is None  # a link: not followed, not believed
+    assert "symbolic link" in caplog.text
+    capture_state.write_expected(str(root_dir), "fail-open", frozenset({Part.INBOUND}))
+    assert target.read_text() == "root only\n"  # neither link was written through
+    assert not path.is_symlink()
+    assert (path.stat().st_uid, oct(path.stat().st_mode & 0o777)) == (0, "0o644")
+    assert capture_state.read_expected(str(root_dir)) == ("fail-open", frozenset({Part.INBOUND}))
+    assert not [p for p in os.listdir(root_dir) if p.startswith(f".{capture_state.CAPTURE_FILE}")]
+    os.chown(path, other, -1)  # another user's file at the path (a directory it could once write)
+    assert capture_state.read_expected(str(root_dir)) is None
+    assert "owned by uid" in caplog.text
 
 
 @contextlib.contextmanager
