@@ -20,7 +20,7 @@ from istio_vm.config.resolve import lenient
 from istio_vm.errors import capped
 from istio_vm.iptables import apply, capture_state
 from istio_vm.iptables.found import Owners
-from istio_vm.iptables.parts import CapturePolicy, describe_parts, plan_with
+from istio_vm.iptables.parts import ALL_PARTS, CapturePolicy, Part, describe_parts, plan_with
 from istio_vm.iptables.plan import build_plan
 
 if TYPE_CHECKING:
@@ -32,18 +32,25 @@ log = logging.getLogger(__name__)
 CUSTOM = "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone"
 
 
-def install(config: Config) -> apply.Report | None:
+def install(config: Config, on: frozenset[Part] = ALL_PARTS) -> apply.Report | None:
+    """The plan with the parts `on` (every part: 1.9's plan; `istio-vm start` with an open policy: the
+    parts that stay while no epoch is ready), recorded in the run dir for verify when not all."""
     if config.iptables.custom:
         log.info(CUSTOM)
         return None
     for line in render.istio_dumps(config):
         log.info("%s", line)
-    plan = build_plan(config.capture)
+    plan = plan_with(build_plan(config.capture), on)
     if config.iptables.skip_rule_apply:
         log.info("SKIP_RULE_APPLY=true: no rules installed")
         return None
     report = apply.install_plan(plan, backend=config.iptables.backend, run_dir=config.supervision.run_dir,
                                 dry_run=config.iptables.dry_run, owners=owners_of(config))
+    if not config.iptables.dry_run:
+        if on >= ALL_PARTS:
+            capture_state.remove_expected(config.supervision.run_dir)  # the whole plan: nothing to say
+        else:
+            capture_state.write_expected(config.supervision.run_dir, config.supervision.capture_policy, on)
     _log_report("install", report)
     return report
 

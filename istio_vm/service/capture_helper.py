@@ -117,6 +117,7 @@ class CaptureHelper:
 
     pid: int
     sock: socket.socket
+    on: frozenset[Part] = ALL_PARTS  # what was in place when it started (install's parts)
 
     def switch(self, parts: frozenset[Part], on: bool) -> None:
         """Switch `parts` on or off in one change; OSError (with the helper's words) when it could not."""
@@ -162,4 +163,4 @@ def start_helper(plan: Plan, *, policy: str, run_dir: str, backend: str | None,
     parent_end.settimeout(REPLY_TIMEOUT)
     log.info("Capture helper started, pid %s (root with CAP_NET_ADMIN, CAP_NET_RAW only)", pid,
              extra={"ISTIO_EVENT": "capture", "ISTIO_CHILD_PID": pid})
-    return CaptureHelper(pid, parent_end)
+    return CaptureHelper(pid, parent_end, on)

@@ -91,6 +91,8 @@ class Loop:
         self.selector.register(signals.wakeup, selectors.EVENT_READ, None)
         if self.watchdog_interval:
             self._next_watchdog = self.clock()
+        if self.capture is not None:
+            self._capture_on = self.capture.on
         self._execute(self.supervisor.start())
         while self.supervisor.state is not State.STOPPED:
             for key, _ in self.selector.select(self._timeout()):
@@ -242,6 +244,10 @@ class Loop:
         if self.capture is None:
             return
         began = self.clock()
+        if on == self._capture_on:  # at start: install put exactly these in place already
+            log.info("Capture: %s (%s), as installed", describe_parts(on), reason,
+                     extra={"ISTIO_EVENT": "capture", "ISTIO_CAPTURE": describe_parts(on)})
+            return
         try:
             for switch_on, parts in ((True, on - self._capture_on), (False, self._capture_on - on)):
                 if parts:  # one request (one restore per family) for all the parts going the same way

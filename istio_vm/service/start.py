@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from istio_vm import __version__, trust
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
+from istio_vm.iptables.parts import ALL_PARTS, CapturePolicy, Part
 
 if TYPE_CHECKING:
     from istio_vm.service.capture_helper import CaptureHelper
@@ -112,17 +113,25 @@ def _ignored_until_the_loop(supervising: bool) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def start(config: Config, mode: str, *, install_iptables: Callable[[Config], object]) -> int:
+def start(config: Config, mode: str, *, install_iptables: Callable[[Config, frozenset[Part]], object]) -> int:
     """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
     log.info("istio-vm %s starting (mode %s)", __version__, mode or "default")  # which release runs, in the journal
     with _ignored_until_the_loop(mode != "init"), run_lock(config.supervision.run_dir):
         if mode != "init":
             check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
-        installed = install_iptables(config) if mode in ("", "init") else None
+        on = starting_parts(config) if mode == "" else ALL_PARTS  # `init` supervises nothing: 1.9's plan
+        installed = install_iptables(config, on) if mode in ("", "init") else None
         if mode == "init":
             return ExitStatus.OK
-        return supervise(config, capture=installed is not None and not config.iptables.dry_run,
+        return supervise(config, capture=installed is not None and not config.iptables.dry_run, capture_on=on,
                          iptables=mode == "")
+
+
+def starting_parts(config: Config) -> frozenset[Part]:
+    """What `start` installs: with an open policy only the parts that stay while no epoch is ready, since
+    none is yet (installing all and lifting once supervising would send the VM's connections to a proxy
+    that is not listening for as long as the helper's first restore takes; fail-closed: everything)."""
+    return CapturePolicy(config.supervision.capture_policy).parts(proxy_ready=False)
 
 
 def check_root_proxy(config: Config) -> None:
@@ -140,10 +149,9 @@ def check_root_proxy(config: Config) -> None:
         trust.check_root_path(path, f"{what} (the proxy runs as root)")
 
 
-def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | None:
-    """The privileged helper, for a policy with parts that follow the proxy and rules we installed."""
+def capture_helper_for(config: Config, *, installed: bool, on: frozenset[Part] = ALL_PARTS) -> CaptureHelper | None:
+    """The privileged helper, for a policy with parts that follow the proxy and rules we installed (`on`)."""
     from istio_vm.iptables.commands import owners_of
-    from istio_vm.iptables.parts import CapturePolicy
     from istio_vm.iptables.plan import build_plan
     from istio_vm.service.capture_helper import start_helper
 
@@ -155,13 +163,13 @@ def capture_helper_for(config: Config, *, installed: bool) -> CaptureHelper | No
                     "the proxy", policy)
         return None
     return start_helper(build_plan(config.capture), policy=str(policy), run_dir=config.supervision.run_dir,
-                        backend=config.iptables.backend, owners=owners_of(config))
+                        backend=config.iptables.backend, on=on, owners=owners_of(config))
 
 
 def metrics_writer(config: Config, *, installed: bool) -> MetricsWriter | None:
     """ISTIO_VM_METRICS_FILE's writer (None: not set), with the rule counts of each capture state when this
     start installed the rules; as root, the previous run's verify result is dropped."""
-    from istio_vm.iptables.parts import ALL_PARTS, Part, plan_with
+    from istio_vm.iptables.parts import plan_with
     from istio_vm.iptables.plan import build_plan
     from istio_vm.service.metrics_file import MetricsWriter, forget_verify
 
@@ -180,14 +188,14 @@ def metrics_writer(config: Config, *, installed: bool) -> MetricsWriter | None:
                          config.supervision.capture_policy, rules)
 
 
-def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -> int:
+def supervise(config: Config, *, capture: bool = False, capture_on: frozenset[Part] = ALL_PARTS,
+              iptables: bool = True) -> int:
     """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
 
     The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
     reload` do not pay for them (psutil, http.client, systemd).
     """
     from istio_vm import logs
-    from istio_vm.iptables.parts import CapturePolicy
     from istio_vm.service import privileges, processes, reload
     from istio_vm.service.loop import SIGNALS, Loop
     from istio_vm.service.machine import Policy, Supervisor
@@ -207,7 +215,8 @@ def supervise(config: Config, *, capture: bool = False, iptables: bool = True) -
     children = processes.open_children_file(config.supervision.run_dir)
     if command.shared_memory is not None:
         processes.remove_foreign(command.shared_memory, identity.uid)
-    helper = capture_helper_for(config, installed=capture)  # before the drop: it stays root (NET_ADMIN/RAW only)
+    # Before the drop: the helper stays root (NET_ADMIN/RAW only).
+    helper = capture_helper_for(config, installed=capture, on=capture_on)
     metrics = metrics_writer(config, installed=capture)
     reloads = reload.prepare(config, iptables=iptables)
     privileges.drop_to(identity)

@@ -82,6 +82,16 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
     wait_for(lambda: parts_on(svc) == down, 10, f"capture {down} before ready")
     assert verify(svc) == 0, svc.log()  # compared with what the service recorded in its run dir
     svc.wait_notification(f"capture: {'inbound only' if down else 'none'}")
+    # Never more than that before ready: install itself wrote the proxy-down state (one restore), and the
+    # helper had nothing to switch; 1.9's whole plan first and a lift once supervising would capture the
+    # VM's connections to a proxy not yet listening for as long as that lift takes (about 30 ms).
+    log = svc.log()
+    written = log.split("Wrote IPv4 input to iptables-restore:\n", 1)[1].split("istio-vm: ", 1)[0]
+    assert ("-A PREROUTING -p tcp -j ISTIO_INBOUND" in written) == bool(down), written
+    assert "-j ISTIO_REDIRECT" not in written, written
+    assert "15053" not in written, written
+    assert f"Capture: {'inbound only' if down else 'none'} (no epoch ready yet), as installed" in log
+    assert "Capture: all" not in log
     # Ready: everything in, exactly the plan.
     (svc.workdir / "ready").touch()
     svc.wait_notification("READY=1")
