@@ -1,12 +1,15 @@
-"""Paths of the test data and golden files, the golden comparison, and a fake reference VM."""
+"""Paths of the test data and golden files, the golden comparison, a fake reference VM, and where a
+test connection or datagram landed (the capture tests of two tiers)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -96,3 +99,19 @@ def alarm_after(seconds: int, error: BaseException) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+DNS_QUERY = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x01"  # "." IN A
+
+
+def landed(*listeners: tuple[str, socket.socket]) -> str:
+    """The name of the listener that got the connection or datagram (accepting/reading it), or "nowhere"."""
+    ready, _, _ = select.select([s for _, s in listeners], [], [], 3)
+    if not ready:
+        return "nowhere"
+    [(name, s)] = [(n, s) for n, s in listeners if s is ready[0]]
+    if s.type == socket.SOCK_STREAM:
+        s.accept()[0].close()
+    else:
+        s.recv(512)
+    return name

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from testbed.netns import CLIENT_V4, VM_V4, Pair, pair, resolv_conf
 from testbed.service import REFERENCE_CLUSTER_ENV, Service, ensure_user, service
 from testbed.wait import process_gone, wait_for
+from tests.helpers import DNS_QUERY, landed
 
 pytestmark = pytest.mark.root
 NET_CAPS = f"{(1 << 12) | (1 << 13):016x}"  # CAP_NET_ADMIN | CAP_NET_RAW
@@ -136,19 +136,6 @@ APP_UID = 12345
 PHASES = ("before ready", "after ready", "outage", "after recovery")
 
 
-def landed(*listeners: tuple[str, socket.socket]) -> str:
-    """The name of the listener that got the connection or datagram (accepting/reading it), or "nowhere"."""
-    ready, _, _ = select.select([s for _, s in listeners], [], [], 3)
-    if not ready:
-        return "nowhere"
-    [(name, s)] = [(n, s) for n, s in listeners if s is ready[0]]
-    if s.type == socket.SOCK_STREAM:
-        s.accept()[0].close()
-    else:
-        s.recv(512)
-    return name
-
-
 def observe(p: Pair) -> dict[str, str]:
     """Outbound TCP and a UDP DNS query by an ordinary user of the VM, and an inbound connection from the client."""
     s = listeners(p)
@@ -160,7 +147,7 @@ def observe(p: Pair) -> dict[str, str]:
 
     def dns() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as q:
-            q.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x01", (CLIENT_V4, 53))
+            q.sendto(DNS_QUERY, (CLIENT_V4, 53))
 
     def inbound() -> None:
         with contextlib.suppress(OSError):

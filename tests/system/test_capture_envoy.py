@@ -1,16 +1,28 @@
-"""ISTIO_VM_CAPTURE with the real Envoy (root, namespaces): a hot restart under load never changes capture
-and loses no request, with each policy; a SIGKILLed Envoy lifts the open policies' parts until the next
-epoch is ready, and traffic through Envoy recovers."""
+"""ISTIO_VM_CAPTURE with the real Envoy (root, namespaces): where an ordinary user's outbound TCP and DNS,
+and inbound connections, land before ready, once ready, during an outage and after recovery, per policy;
+a hot restart under load never changes capture and loses no request, with each policy; a SIGKILLed Envoy
+lifts the open policies' parts until the next epoch is ready, and traffic through Envoy recovers."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from testbed.wait import wait_for
+from testbed.app import App
+from testbed.envoy import base_id, remove_shm
+from testbed.netns import CLIENT_V4, VM_V4, Pair, pair, resolv_conf
+from testbed.service import ensure_user, service
+from testbed.wait import children_named, wait_for
+from tests.helpers import DNS_QUERY, landed
 from tests.system.test_start_envoy import ENVOY, EnvoyVm, envoy_vm  # noqa: F401 (the fixture)
 
 pytestmark = [
@@ -71,3 +83,120 @@ def test_sigkill_of_envoy_lifts_until_the_next_epoch_is_ready(envoy_vm: EnvoyVm,
     status, _, err = svc.wait_exit()
     assert status == 0, err
     assert "Capture: " + down + " (stopping)" in err
+
+
+# ---- the traffic matrix: where each kind of traffic lands, phase by phase, with the real Envoy -------------
+
+APP_UID = 12345  # an ordinary user of the VM
+DESTINATION_PORT = 8000  # "outside": an app in the client namespace
+
+
+@dataclass
+class World:
+    """One vm/client pair shared by the policies (each service installs its rules over the last one's):
+    the app on VM:8080, an outside destination on CLIENT:8000, the VM's nameserver on CLIENT:53 and, as
+    nothing serves the agent's DNS port 15053 in envoy mode, a stand-in socket there."""
+
+    net: Pair
+    agent_dns: socket.socket
+    nameserver: socket.socket
+
+
+def _udp(address: tuple[str, int]) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(address)
+    return s
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    ensure_user("istio-proxy")
+    with pair() as net, resolv_conf(net.vm.name, CLIENT_V4), contextlib.ExitStack() as stack:
+        with net.vm.entered():
+            stack.enter_context(App("0.0.0.0", 8080))
+            agent_dns = stack.enter_context(_udp(("0.0.0.0", 15053)))
+        with net.client.entered():
+            stack.enter_context(App(CLIENT_V4, DESTINATION_PORT))
+            nameserver = stack.enter_context(_udp((CLIENT_V4, 53)))
+        yield World(net, agent_dns, nameserver)
+
+
+def http_landed(host: str, port: int) -> str:
+    """GET through a new connection: "direct" when the app saw our own address and port, "proxy" when it saw
+    another (Envoy relayed it: its inbound cluster binds 127.0.0.6, its outbound one a port of its own),
+    "refused" when it was captured to a proxy port where nothing listens."""
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            local, local_port = s.getsockname()[:2]
+            mine = f"{local}:{local_port}"
+            s.sendall(f"GET /matrix HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return f"error: {e}"
+    peer = json.loads(data.partition(b"\r\n\r\n")[2])["peer"]
+    return "direct" if peer == mine else "proxy"
+
+
+def observe(w: World) -> dict[str, str]:
+    def dns() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as q:
+            q.sendto(DNS_QUERY, (CLIENT_V4, 53))
+
+    outbound = w.net.vm.call(lambda: http_landed(CLIENT_V4, DESTINATION_PORT), uid=APP_UID)
+    w.net.vm.call(dns, uid=APP_UID)
+    inbound = w.net.client.call(lambda: http_landed(VM_V4, 8080))
+    return {"outbound": outbound, "dns": landed(("proxy", w.agent_dns), ("direct", w.nameserver)), "inbound": inbound}
+
+
+UP = {"outbound": "proxy", "dns": "proxy", "inbound": "proxy"}
+DOWN = {  # while no epoch is ready: captured to a proxy port nothing listens on, or sent as the user sent it
+    "fail-closed": {"outbound": "refused", "dns": "proxy", "inbound": "refused"},
+    "outbound-fail-open": {"outbound": "direct", "dns": "direct", "inbound": "refused"},
+    "fail-open": {"outbound": "direct", "dns": "direct", "inbound": "direct"},
+}
+
+
+def gated_envoy(workdir: Path) -> tuple[Path, Path]:
+    """ENVOY_BINARY: the real Envoy once the gate file exists (epochs held unready by the test), and the gate."""
+    assert ENVOY is not None
+    gate, wrapper = workdir / "envoy-may-start", workdir / "envoy"
+    wrapper.write_text(f'#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.01; done\nexec {ENVOY} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, gate
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_traffic_lands_where_the_policy_says_in_every_phase_with_the_real_envoy(world: World, policy: str) -> None:
+    base = base_id()
+    with service(netns=world.net.vm.name) as svc:
+        try:
+            wrapper, gate = gated_envoy(svc.workdir)
+            svc.envoy_mode(wrapper, base, ISTIO_VM_CAPTURE=policy)
+            seen = {}
+            svc.start()
+            svc.wait_notification("STATUS=epoch 0 starting", timeout=30)  # Envoy held before its start
+            seen["before ready"] = observe(world)
+            gate.touch()
+            svc.wait_notification("READY=1", timeout=30)  # sent after the capture change of its readiness
+            seen["after ready"] = observe(world)
+            gate.unlink()
+            [epoch0] = children_named(svc.daemon_pid(), "envoy")
+            os.kill(epoch0, signal.SIGKILL)
+            svc.wait_notification("STATUS=epoch 1 starting", timeout=30)  # the next epoch, held
+            seen["outage"] = observe(world)
+            gate.touch()
+            svc.wait_notification("STATUS=epoch 1 running", timeout=30)
+            seen["after recovery"] = observe(world)
+            svc.signal(signal.SIGTERM)
+            status, _, err = svc.wait_exit()
+            assert status == 0, err
+        finally:
+            remove_shm(base)
+    down = DOWN[policy]
+    assert seen == {"before ready": down, "after ready": UP, "outage": down, "after recovery": UP}, seen
+    assert "[outbound] " in err  # Envoy's access log: the relayed requests, in both directions
+    assert "[inbound] " in err
