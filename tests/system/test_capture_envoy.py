@@ -6,7 +6,6 @@ lifts the open policies' parts until the next epoch is ready, and traffic throug
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ import pytest
 from testbed.app import App
 from testbed.envoy import base_id, remove_shm
 from testbed.netns import CLIENT_V4, VM_V4, Pair, pair, resolv_conf
+from testbed.probe import attempt
 from testbed.service import ensure_user, service
 from testbed.wait import children_named, wait_for
 from tests.helpers import DNS_QUERY, landed
@@ -121,40 +121,23 @@ def world() -> Iterator[World]:
         yield World(net, agent_dns, nameserver)
 
 
-def http_landed(host: str, port: int) -> str:
-    """GET through a new connection: "direct" when the app saw our own address and port, "proxy" when it saw
-    another (Envoy relayed it: its inbound cluster binds 127.0.0.6, its outbound one a port of its own),
-    "refused" when it was captured to a proxy port where nothing listens."""
-    try:
-        with socket.create_connection((host, port), timeout=3) as s:
-            local, local_port = s.getsockname()[:2]
-            mine = f"{local}:{local_port}"
-            s.sendall(f"GET /matrix HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-    except ConnectionRefusedError:
-        return "refused"
-    except OSError as e:
-        return f"error: {e}"
-    peer = json.loads(data.partition(b"\r\n\r\n")[2])["peer"]
-    return "direct" if peer == mine else "proxy"
-
-
 def observe(w: World) -> dict[str, str]:
     def dns() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as q:
             q.sendto(DNS_QUERY, (CLIENT_V4, 53))
 
-    outbound = w.net.vm.call(lambda: http_landed(CLIENT_V4, DESTINATION_PORT), uid=APP_UID)
+    """Where each landed: "proxied" (through Envoy; DNS: to the agent's port), "refused" (captured to a proxy
+    port nothing listens on), "direct" (the destination itself, as sent: testbed/probe.py's words)."""
+    outbound = w.net.vm.call(lambda: attempt(CLIENT_V4, DESTINATION_PORT, timeout=3), uid=APP_UID)
     w.net.vm.call(dns, uid=APP_UID)
-    inbound = w.net.client.call(lambda: http_landed(VM_V4, 8080))
-    return {"outbound": outbound, "dns": landed(("proxy", w.agent_dns), ("direct", w.nameserver)), "inbound": inbound}
+    inbound = w.net.client.call(lambda: attempt(VM_V4, 8080, timeout=3))
+    return {"outbound": outbound, "dns": landed(("proxied", w.agent_dns), ("direct", w.nameserver)),
+            "inbound": inbound}
 
 
-UP = {"outbound": "proxy", "dns": "proxy", "inbound": "proxy"}
+UP = {"outbound": "proxied", "dns": "proxied", "inbound": "proxied"}
 DOWN = {  # while no epoch is ready: captured to a proxy port nothing listens on, or sent as the user sent it
-    "fail-closed": {"outbound": "refused", "dns": "proxy", "inbound": "refused"},
+    "fail-closed": {"outbound": "refused", "dns": "proxied", "inbound": "refused"},
     "outbound-fail-open": {"outbound": "direct", "dns": "direct", "inbound": "refused"},
     "fail-open": {"outbound": "direct", "dns": "direct", "inbound": "direct"},
 }
