@@ -1,7 +1,7 @@
 """An ordinary user's connections in a loop, each classified by where it landed, for the capture tests.
 
-As a script: ``python probe.py HOST PORT OUT STOPFILE``: connects to HOST:PORT again and again (one new
-TCP connection per attempt, a few ms apart) until STOPFILE exists, and appends one JSON line per
+As a script: ``python probe.py HOST PORT OUT STOPFILE [TIMEOUT]``: connects to HOST:PORT again and again (one new
+TCP connection per attempt, a few ms apart, each given TIMEOUT seconds, 1 by default) until STOPFILE exists, and appends one JSON line per
 attempt to OUT: ``{"t0": CLOCK_MONOTONIC at its start, "t": at its end, "outcome": ...}`` where outcome is
 ``direct`` (testbed/app.py answered and saw our own address and port), ``refused`` (captured to a proxy
 port where nothing listens), ``proxied`` (a proxy answered, or relayed it to the app), or ``error: ...``.
@@ -44,10 +44,11 @@ def attempt(host: str, port: int, timeout: float = 1.0) -> str:
 
 def main() -> int:
     host, port, out, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
     with open(out, "a", encoding="utf-8") as f:
         while not os.path.exists(stop):
             began = time.clock_gettime(time.CLOCK_MONOTONIC)
-            outcome = attempt(host, port)
+            outcome = attempt(host, port, timeout)
             f.write(json.dumps({"t0": began, "t": time.clock_gettime(time.CLOCK_MONOTONIC), "outcome": outcome}) + "\n")
             f.flush()
             time.sleep(0.005)

@@ -162,13 +162,13 @@ def install_double(vm: Vm, python: str) -> None:
              f'exec {python} {SUPPORT}/pilot_agent.py "$0" "$@"\n', mode=0o755)
 
 
-def envoy_mode(vm: Vm) -> None:
+def envoy_mode(vm: Vm, **settings: str) -> None:
     """The real Envoy as $ISTIO_BIN_BASE/envoy (ENVOY_BINARY's default) with the bundled bootstrap."""
     assert ENVOY is not None
     shutil.copy(ENVOY, vm.c.path("/usr/local/bin/envoy"))
     vm.write(ENVOY_DIR / "envoy-bootstrap.yaml", BUNDLED_BOOTSTRAP.read_text())
     vm.configure(ISTIO_VM_PROXY="envoy", ENVOY_BOOTSTRAP=str(ENVOY_DIR / "envoy-bootstrap.yaml"),
-                 ENVOY_DRAIN_TIME_S="2", ENVOY_PARENT_SHUTDOWN_TIME_S="3", TERMINATION_DRAIN_DURATION="2s")
+                 ENVOY_DRAIN_TIME_S="2", ENVOY_PARENT_SHUTDOWN_TIME_S="3", TERMINATION_DRAIN_DURATION="2s", **settings)
 
 
 def start(vm: Vm) -> int:

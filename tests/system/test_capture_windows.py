@@ -10,11 +10,14 @@ restart, and `systemctl stop` leave no rule. See docs/systemd.md.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
+
+import pytest
 
 from testbed import systemd_container as sc
 from testbed.wait import wait_for
@@ -25,27 +28,37 @@ from tests.system.container_vm import (
     SUPPORT,
     SYSTEMD_TIER,
     UNIT,
+    VM_IP,
     Vm,
     agent_mode,
     assert_rules_are_the_plan,
     client_network,
+    envoy_mode,
+    needs_envoy,
     start,
 )
 
 pytestmark = SYSTEMD_TIER
 CLEANUP = "istio-sidecar-cleanup.service"
+CUT = "error: [Errno 104] Connection reset by peer"  # accepted by Envoy in its last milliseconds
+DRAIN = 2.0  # envoy_mode's TERMINATION_DRAIN_DURATION
 PROBES = PurePosixPath("/var/tmp/probes.jsonl")
 PROBE_STOP = PurePosixPath("/var/tmp/probes.stop")
 
 
 def destination(vm: Vm) -> None:
     """The app on CLIENT_IP:8080 in the client namespace: "outside" for the VM, reached by its routes."""
+    serve_app(vm, "destination", ["ip", "netns", "exec", CLIENT_NS], CLIENT_IP)
+
+
+def serve_app(vm: Vm, unit: str, prefix: list[str], host: str) -> None:
+    """The client network, testbed/app.py on host:8080 as a transient unit (run by `prefix`), the probe script."""
     client_network(vm)
     vm.write(SUPPORT / "app.py", (sc.PROJECT_DIR / "testbed/app.py").read_text())
     vm.write(SUPPORT / "probe.py", (sc.PROJECT_DIR / "testbed/probe.py").read_text())
-    vm.c.run(["systemd-run", "--unit=destination", "ip", "netns", "exec", CLIENT_NS, "python3",
-              f"{SUPPORT}/app.py", "--host", CLIENT_IP, "--port", "8080", "--quiet"])
-    vm.c.wait_for_journal(lambda e: e.get("MESSAGE", "").startswith("app: listening"), "--unit", "destination.service")
+    vm.c.run(["systemd-run", f"--unit={unit}", *prefix, "python3", f"{SUPPORT}/app.py", "--host", host,
+              "--port", "8080", "--quiet"])
+    vm.c.wait_for_journal(lambda e: e.get("MESSAGE", "").startswith("app: listening"), "--unit", f"{unit}.service")
 
 
 def probes(vm: Vm) -> list[dict[str, Any]]:
@@ -55,12 +68,14 @@ def probes(vm: Vm) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def probing(vm: Vm) -> Iterator[list[dict[str, Any]]]:
-    """nobody's connections to the destination in a loop (a transient unit) for the duration; the outcomes."""
+def probing(vm: Vm, prefix: tuple[str, ...] = ("--uid=nobody",), host: str = CLIENT_IP, timeout: float = 1.0,
+            ) -> Iterator[list[dict[str, Any]]]:
+    """New connections to host:8080 in a loop (a transient unit; by default nobody's to the destination)
+    for the duration; the outcomes."""
     for p in (PROBES, PROBE_STOP):
         vm.c.path(p).unlink(missing_ok=True)
-    vm.c.run(["systemd-run", "--unit=probe", "--uid=nobody", "python3", f"{SUPPORT}/probe.py", CLIENT_IP, "8080",
-              str(PROBES), str(PROBE_STOP)])
+    vm.c.run(["systemd-run", "--unit=probe", *prefix, "python3", f"{SUPPORT}/probe.py", host, "8080",
+              str(PROBES), str(PROBE_STOP), str(timeout)])
     outcomes: list[dict[str, Any]] = []
     try:
         wait_for(lambda: len(probes(vm)) > 20, 30, "the first probes")
@@ -70,6 +85,10 @@ def probing(vm: Vm) -> Iterator[list[dict[str, Any]]]:
         wait_for(lambda: vm.c.systemctl("is-active", "probe.service", check=False).stdout.strip() != "active",
                  30, "the probe to stop")
         outcomes += probes(vm)
+
+
+def wait_for_probes_after(vm: Vm, t: float, count: int = 20) -> None:
+    wait_for(lambda: len([p for p in probes(vm) if p["t0"] > t]) > count, 30, f"{count} probes after {t}")
 
 
 def journal_time(entry: dict[str, Any]) -> float:
@@ -201,3 +220,56 @@ def test_outbound_fail_open_follows_the_proxy_under_systemd_with_a_net_caps_only
     vm.c.systemctl("stop", UNIT, timeout=60)
     stopping = [e["MESSAGE"] for e in vm.journal("ISTIO_EVENT=capture") if "(stopping)" in e["MESSAGE"]]
     assert len(stopping) == 1
+
+
+@pytest.mark.envoy
+@needs_envoy
+def test_stop_under_a_stream_of_new_inbound_connections_keeps_each_policys_promise(vm: Vm) -> None:
+    """A client outside connects to VM_IP:8080 again and again (new connections, one at a time) while
+    `systemctl stop` runs, with each policy in turn (one container: each stop leaves the rules as before).
+    What each promises at stop (docs/systemd.md, "Stopping under load"):
+    - fail-closed and outbound-fail-open keep inbound capture until Envoy has exited: every connection is
+      served through Envoy, then refused for the fraction of a second until ExecStopPost= cleans, then
+      reaches the app directly; none reaches the app without Envoy while Envoy runs;
+    - fail-open lifts inbound capture before Envoy is told to drain: served through Envoy, then directly,
+      none refused;
+    for all: none hangs or fails otherwise, and no rule is left after the stop."""
+    serve_app(vm, "app", [], "0.0.0.0")
+    before = vm.rules()
+    for policy in ("fail-closed", "outbound-fail-open", "fail-open"):
+        envoy_mode(vm, ISTIO_VM_CAPTURE=policy)
+        since = time.clock_gettime(time.CLOCK_MONOTONIC)  # this policy's journal entries only
+        start(vm)
+        with probing(vm, ("ip", "netns", "exec", CLIENT_NS), VM_IP, timeout=5) as outcomes:
+            vm.c.systemctl("stop", UNIT, timeout=60)
+            stopped = time.clock_gettime(time.CLOCK_MONOTONIC)
+            wait_for_probes_after(vm, stopped)
+        assert vm.rules() == before, policy
+        entries = [e for e in vm.journal() if journal_time(e) > since]
+        [sigterm] = [journal_time(e) for e in entries if e["MESSAGE"] == "Received SIGTERM"]
+        [exited] = [journal_time(e) for e in entries if e.get("ISTIO_EVENT") == "exit"]
+        lifts = [e["MESSAGE"].split(",")[0] for e in entries if "(stopping)" in e["MESSAGE"]]
+        [cleaned] = [journal_time(e) for e in entries if e["MESSAGE"].startswith("iptables clean: ")]
+
+        kinds = "".join({"proxied": "p", "refused": "r", "direct": "d", CUT: "x"}.get(p["outcome"], "?")
+                        for p in outcomes)
+        assert "?" not in kinds, (policy, {p["outcome"] for p in outcomes})  # none hung (5 s) or failed otherwise
+        assert max(p["t"] - p["t0"] for p in outcomes) < DRAIN + 1.5  # one begun as the drain began waits it out
+        assert all(abs(p["t"] - exited) < 0.1 for p in outcomes if p["outcome"] == CUT)  # only at Envoy's exit
+        refused = [p for p in outcomes if p["outcome"] == "refused"]
+        direct = [p for p in outcomes if p["outcome"] == "direct"]
+        if policy == "fail-open":
+            assert re.fullmatch("p+d+", kinds), (policy, kinds)
+            assert lifts == ["Capture: none (stopping)"]
+            assert direct[0]["t"] < exited  # lifted before Envoy stopped: the app took them while Envoy drained
+        else:
+            assert re.fullmatch("p+x?r+d+", kinds), (policy, kinds)
+            assert lifts == ([] if policy == "fail-closed" else ["Capture: inbound only (stopping)"])
+            assert direct[0]["t0"] > exited  # never the app without Envoy while Envoy runs
+            assert refused[0]["t0"] > sigterm
+            assert refused[-1]["t0"] < cleaned  # refused until ExecStopPost= has cleaned, not after
+            window = refused[-1]["t"] - refused[0]["t0"]
+            assert window < 2.0, (policy, window)  # Envoy's exit to the clean: 0.15-0.45 s measured
+        print(f"\n{policy}: {len(outcomes)} new connections during the stop: {kinds.count('p')} through Envoy, "
+              f"{len(refused)} refused ({refused[-1]['t'] - refused[0]['t0'] if refused else 0:.2f} s), "
+              f"{kinds.count('x')} cut at Envoy's exit, then {len(direct)} direct")
