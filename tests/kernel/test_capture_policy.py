@@ -106,6 +106,7 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
         s = proc_status(pid)
         assert s["Uid"].split() == [str(proxy.pw_uid)] * 4
         assert (s["CapEff"], s["CapPrm"], s["CapInh"], s["CapAmb"]) == ("0" * 16,) * 4
+        assert s["NoNewPrivs"] == "1"  # the bounding set (the caller's; the unit's under systemd) stays unused
     s = proc_status(helper.pid)
     assert s["Uid"].split() == ["0"] * 4
     assert (s["CapEff"], s["CapPrm"], s["CapBnd"]) == (NET_CAPS,) * 3

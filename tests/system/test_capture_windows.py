@@ -42,6 +42,8 @@ pytestmark = SYSTEMD_TIER
 CLEANUP = "istio-sidecar-cleanup.service"
 CUT = "error: [Errno 104] Connection reset by peer"  # accepted by Envoy in its last milliseconds
 DRAIN = 2.0  # envoy_mode's TERMINATION_DRAIN_DURATION
+# CAP_DAC_OVERRIDE, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_ADMIN, NET_RAW: the unit's bounding set
+UNIT_BOUNDING_SET = f"{sum(1 << cap for cap in (1, 6, 7, 8, 10, 12, 13)):016x}"
 PROBES = PurePosixPath("/var/tmp/probes.jsonl")
 PROBE_STOP = PurePosixPath("/var/tmp/probes.stop")
 
@@ -89,6 +91,12 @@ def probing(vm: Vm, prefix: tuple[str, ...] = ("--uid=nobody",), host: str = CLI
 
 def wait_for_probes_after(vm: Vm, t: float, count: int = 20) -> None:
     wait_for(lambda: len([p for p in probes(vm) if p["t0"] > t]) > count, 30, f"{count} probes after {t}")
+
+
+def proc_status(vm: Vm, pid: int) -> dict[str, str]:
+    """/proc/PID/status inside the container, as fields."""
+    text = vm.c.run(["cat", f"/proc/{pid}/status"]).stdout
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
 
 
 def journal_time(entry: dict[str, Any]) -> float:
@@ -198,10 +206,17 @@ def test_outbound_fail_open_follows_the_proxy_under_systemd_with_a_net_caps_only
     # The helper: root with CAP_NET_ADMIN and CAP_NET_RAW only, in the unit, a child of istio-vm.
     [helper] = [int(p) for p in vm.c.run(["ps", "-o", "pid=", "--ppid", str(daemon)]).stdout.split()
                 if vm.uid_of(p) == 0]
-    status = dict(line.split(":\t", 1) for line in vm.c.run(["cat", f"/proc/{helper}/status"]).stdout.splitlines()
-                  if ":\t" in line)
+    status = proc_status(vm, helper)
     assert status["Uid"].split() == ["0"] * 4
     assert (status["CapEff"], status["CapPrm"], status["CapBnd"]) == ("0000000000003000",) * 3
+    assert (status["CapInh"], status["CapAmb"], status["NoNewPrivs"]) == ("0" * 16, "0" * 16, "1")
+    # The supervisor and the proxy: istio-proxy with no capability at all, and no way back (no_new_privs);
+    # their bounding set is the unit's CapabilityBoundingSet=, unused.
+    for pid in (daemon, first):
+        status = proc_status(vm, pid)
+        assert status["Uid"].split() == [str(vm.proxy_user()[0])] * 4
+        assert (status["CapEff"], status["CapPrm"], status["CapInh"], status["CapAmb"]) == ("0" * 16,) * 4
+        assert (status["CapBnd"], status["NoNewPrivs"]) == (UNIT_BOUNDING_SET, "1")
     assert vm.istio_vm("iptables", "verify", check=False).returncode == 0
 
     # The proxy dies, the next epoch is held unready: outbound lifted, the unit stays active and says so.
