@@ -1,7 +1,8 @@
 """An ordinary user's connections in a loop, each classified by where it landed, for the capture tests.
 
-As a script: ``python probe.py HOST PORT OUT STOPFILE [TIMEOUT]``: connects to HOST:PORT again and again (one new
-TCP connection per attempt, a few ms apart, each given TIMEOUT seconds, 1 by default) until STOPFILE exists, and appends one JSON line per
+As a script: ``python probe.py HOST PORT OUT STOPFILE [TIMEOUT]``: connects to HOST:PORT again and
+again (one new TCP connection per attempt, a few ms apart, each given TIMEOUT seconds, 1 by default)
+until STOPFILE exists, and appends one JSON line per
 attempt to OUT: ``{"t0": CLOCK_MONOTONIC at its start, "t": at its end, "outcome": ...}`` where outcome is
 ``direct`` (testbed/app.py answered and saw our own address and port), ``refused`` (captured to a proxy
 port where nothing listens), ``proxied`` (a proxy answered, or relayed it to the app), or ``error: ...``.
