@@ -187,7 +187,9 @@ def reload(config: Config, *, install_iptables: Callable[[Config], object], time
     request = Request(uuid.uuid4().hex, command, Policy.of(config.supervision, hot_restart=command.hot_restart),
                       rule_counts(config) if running.iptables else None)
     with _reload_lock(run_dir):
-        if running.iptables:
+        # Under an open policy the plan is the one the helper holds (checked above), and which of its parts
+        # are on follows the proxy: installing the whole plan now would capture for a proxy that may be down.
+        if running.iptables and running.helper_plan is None:
             install_iptables(config)  # atomic per family; on failure rolled back, and the proxy is left alone
         own = os.path.join(run_dir, OWN_DIR)
         os.makedirs(own, mode=0o755, exist_ok=True)
@@ -201,7 +203,7 @@ def reload(config: Config, *, install_iptables: Callable[[Config], object], time
         os.kill(running.pid, signal.SIGHUP)
         log.info("Sent the new settings to istio-vm start (pid %s); waiting for the proxy", running.pid)
         outcome = _wait(os.path.join(run_dir, OWN_DIR, RESULT), request.id, timeout)
-    rules = "the new iptables rules are installed; " if running.iptables else ""
+    rules = "the new iptables rules are installed; " if running.iptables and running.helper_plan is None else ""
     if outcome is None:
         raise ReloadError(f"no answer from istio-vm start within {timeout:g}s ({rules}see journalctl -u "
                           "istio-sidecar)")
