@@ -229,6 +229,7 @@ class _OneRequest:
 
 class _Helper:
     pid = 4242
+    on = frozenset({Part.INBOUND})  # what start installed under outbound-fail-open: no epoch ready yet
 
     def __init__(self) -> None:
         self.switched: list[tuple[frozenset[Part], bool]] = []
