@@ -35,6 +35,9 @@ from testbed.wait import wait_for
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = Path(str(importlib.resources.files("istio_vm") / "examples"))
 USER_UID = 12345  # an ordinary user of the VM (not the proxy): its connections are captured
+# What the names of its namespaces and its work directory start with. A test sets its own, to tell its demo's
+# traces from those of another test run's demo at the same time.
+PREFIX = os.environ.get("ISTIO_VM_DEMO_PREFIX", "istio-vm-demo")
 
 
 def heading(text: str) -> None:
@@ -95,7 +98,7 @@ def leftovers(base: int) -> list[str]:
 
 def demo(workdir: Path, base: int) -> bool:
     ok = True
-    with pair(prefix="istio-vm-demo") as net:
+    with pair(prefix=PREFIX) as net:
         vm, client = net.vm, net.client
         bootstrap = workdir / "envoy-bootstrap.yaml"
         shutil.copy(EXAMPLES / "envoy-bootstrap.yaml", bootstrap)
@@ -199,7 +202,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def scratch() -> Iterator[tuple[Path, int]]:
     """A directory istio-proxy can read, and an Envoy base id; both gone afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="istio-vm-demo-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-", dir="/tmp"))
     workdir.chmod(0o755)
     (workdir / "run").mkdir()
     base = base_id()

@@ -13,6 +13,7 @@ Nothing here sleeps for synchronisation: every wait polls a condition until a de
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -78,8 +79,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 # -- base ids and shared memory ---------------------------------------------------------------------------------
 
 SHM_DIR = Path("/dev/shm")
+# One byte per base id, locked (fcntl.lockf) by the process that handed it out, for as long as it lives: test
+# runs of other checkouts at the same time never get the same id (their pids may agree modulo 30 000), and
+# the kernel drops a dead process's locks. The file itself stays (it is empty, in a tmpfs).
+BASE_ID_CLAIMS = Path("/run/lock/istio-vm-test-envoy-base-ids")
 _base_lock = threading.Lock()
 _base_next = 0
+_base_claims: list[int] = []  # the fd of BASE_ID_CLAIMS, opened once: closing any fd of it drops every claim
 
 
 def shm_path(base_id: int) -> Path:
@@ -88,14 +94,27 @@ def shm_path(base_id: int) -> Path:
 
 
 def base_id() -> int:
-    """A base id no Envoy on this machine uses now: derived from the pid, skipping ids whose shm file exists."""
+    """A base id no Envoy on this machine uses now: derived from the pid, claimed for this process, skipping
+    ids whose shm file exists."""
     global _base_next
     with _base_lock:
         while True:
             _base_next += 1
             candidate = 100_000 + (os.getpid() % 30_000) * 100 + _base_next % 100
-            if not shm_path(candidate).exists():
+            if _claim(candidate) and not shm_path(candidate).exists():
                 return candidate
+
+
+def _claim(candidate: int) -> bool:
+    """Lock byte ``candidate`` of BASE_ID_CLAIMS for this process; False when another process holds it."""
+    if not _base_claims:
+        BASE_ID_CLAIMS.parent.mkdir(parents=True, exist_ok=True)
+        _base_claims.append(os.open(BASE_ID_CLAIMS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    try:
+        fcntl.lockf(_base_claims[0], fcntl.LOCK_EX | fcntl.LOCK_NB, 1, candidate)
+    except OSError:  # EAGAIN or EACCES: another process's
+        return False
+    return True
 
 
 def remove_shm(base_id: int) -> None:

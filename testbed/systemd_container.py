@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -166,7 +167,12 @@ def _make_cgroups(name: str) -> list[Path]:
     made = []
     for base in _own_cgroups():
         cgroup = base / "istio-vm-test" / name
-        cgroup.mkdir(parents=True)
+        for _ in range(10):  # another run's _remove_cgroups may rmdir the shared parent between the two mkdirs
+            with contextlib.suppress(FileNotFoundError):
+                cgroup.mkdir(parents=True)
+                break
+        else:
+            cgroup.mkdir(parents=True)
         made.append(cgroup)
     return made
 
@@ -350,7 +356,8 @@ class Container:
     root: Path
     run_dir: Path
     leader_pid: int
-    pidns: int
+    pidns: int  # the inode of pid_namespace, for messages
+    pid_namespace: PidNamespace
     cgroups: tuple[Path, ...]
     log_path: Path
     _reboot: Callable[[Container], None] | None = field(default=None, repr=False)
@@ -359,7 +366,7 @@ class Container:
         """`systemctl reboot` inside, and boot the same root again (its files kept); wait until it runs.
 
         nspawn exits with status 133 when the container reboots; booted_container starts it again on the
-        same overlay. ``leader_pid`` and ``pidns`` name the new boot afterwards.
+        same overlay. ``leader_pid``, ``pidns`` and ``pid_namespace`` name the new boot afterwards.
         """
         if self._reboot is None:
             raise RuntimeError("not a container of booted_container()")
@@ -478,8 +485,9 @@ class Container:
         raise TimeoutError(f"no matching journal entry (of {seen} for {list(args)}) within {timeout}s")
 
     def processes(self) -> list[int]:
-        """Host PIDs of the processes in the container's PID namespace."""
-        return _pids_in_pidns(self.pidns)
+        """Host PIDs of the processes in the container's PID namespace (also after it was powered off:
+        the Container holds the namespace, so no later one can take its inode)."""
+        return self.pid_namespace.pids()
 
     def log(self) -> str:
         """What systemd-nspawn and the container's console printed so far."""
@@ -542,11 +550,57 @@ def _pidns_of(pid: int) -> int | None:
 
 
 def _pids_in_pidns(pidns: int) -> list[int]:
+    """The PIDs whose PID namespace has inode ``pidns`` now: only meaningful while that namespace is held
+    (see :class:`PidNamespace`); once it is freed the kernel gives its inode number to the next namespace."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _pidns_of(int(entry)) == pidns:
             pids.append(int(entry))
     return pids
+
+
+class PidNamespace:
+    """The PID namespace of a process, held open so that it keeps naming that namespace.
+
+    Namespace inode numbers come from one kernel allocator that hands out the lowest free number: as
+    soon as a namespace is freed (its last process gone, no file open on it), the next namespace made
+    anywhere on the machine (another test run's container) usually gets the same inode. Matching
+    processes by a remembered inode then finds a stranger's processes. An open file of the namespace
+    keeps it allocated, so its inode (and device) cannot name another while this object lives.
+    """
+
+    def __init__(self, pid: int, start_time: str | None) -> None:
+        """Hold the PID namespace of ``pid``, the process started at ``start_time`` (field 22 of its
+        stat): ProcessLookupError when that process is gone (its PID could name another by now)."""
+        try:
+            fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ProcessLookupError(f"no process {pid}: {err}") from err
+        if not _alive(pid, start_time):  # checked after the open: the file we hold is that process's
+            os.close(fd)
+            raise ProcessLookupError(f"process {pid} (started {start_time}) is gone")
+        stat = os.fstat(fd)
+        self.inode: int = stat.st_ino
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._close = weakref.finalize(self, os.close, fd)  # on close() or when garbage
+
+    def holds(self, pid: int) -> bool:
+        """Whether ``pid`` is a process of this namespace (False once it is gone)."""
+        try:
+            stat = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            stat = None
+        if not self._close.alive:  # the inode may name another namespace by now
+            raise RuntimeError(f"PID namespace {self.inode} no longer held")
+        return stat is not None and (stat.st_dev, stat.st_ino) == self._identity
+
+    def pids(self) -> list[int]:
+        """Host PIDs of the processes of this namespace."""
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and self.holds(int(entry))]
+
+    def close(self) -> None:
+        """Let the namespace go (then holds() raises); garbage collection does the same."""
+        self._close()
 
 
 def run_dir_root(cache_dir: Path = CACHE_DIR) -> Path:
@@ -571,7 +625,7 @@ class _Run:
     cgroups: list[Path] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     leader: int | None = None
-    pidns: int | None = None
+    pidns: PidNamespace | None = None
 
     def record(self, what: str, text: str) -> None:
         (self.dir / what).write_text(text + "\n")
@@ -579,7 +633,7 @@ class _Run:
     def remaining_processes(self) -> set[int]:
         pids = _cgroup_pids(self.cgroups)
         if self.pidns is not None:
-            pids.update(_pids_in_pidns(self.pidns))
+            pids.update(self.pidns.pids())
         return pids
 
     def shutdown(self, timeout: float) -> None:
@@ -638,29 +692,44 @@ atexit.register(_atexit_cleanup)
 
 
 def sweep_stale_runs(cache_dir: Path = CACHE_DIR) -> list[Path]:
-    """Remove the runs of processes that died without cleaning up (e.g. killed -9); return them."""
-    removed: list[Path] = []
+    """Remove the runs of processes that died without cleaning up (e.g. killed -9); return them.
+
+    Test runs of other checkouts sweep the same directory: a lock makes one of them remove a dead run
+    while the others wait (and then find it gone).
+    """
     runs = run_dir_root(cache_dir)
     if not runs.is_dir():
-        return removed
-    for path in runs.iterdir():
+        return []
+    with _locked(cache_dir / "sweep.lock"):
+        return [path for path in sorted(runs.iterdir()) if _sweep_if_stale(path)]
+
+
+def _sweep_if_stale(path: Path) -> bool:
+    try:
+        owner_pid, owner_start = (path / "owner").read_text().split()
+        if _alive(int(owner_pid), owner_start):
+            return False
+    except (OSError, ValueError):
         try:
-            owner_pid, owner_start = (path / "owner").read_text().split()
-            if _alive(int(owner_pid), owner_start):
-                continue
-        except (OSError, ValueError):
             if time.time() - path.stat().st_mtime < 60:
-                continue  # being created right now
-        _log(f"removing the leftovers of a dead test run: {path}")
-        _kill_recorded_group(path / "nspawn")
-        run = _Run(dir=path, machine=_read(path / "machine") or path.name)
-        run.cgroups = [Path(line) for line in (_read(path / "cgroups") or "").splitlines() if line]
-        leader = (_read(path / "leader") or "").split()
-        if len(leader) == 2 and _alive(int(leader[0]), leader[1]):
-            run.leader, run.pidns = int(leader[0]), _pidns_of(int(leader[0]))
+                return False  # being created right now
+        except FileNotFoundError:
+            return False  # its owner just removed it
+    _log(f"removing the leftovers of a dead test run: {path}")
+    _kill_recorded_group(path / "nspawn")
+    run = _Run(dir=path, machine=_read(path / "machine") or path.name)
+    run.cgroups = [Path(line) for line in (_read(path / "cgroups") or "").splitlines() if line]
+    leader = (_read(path / "leader") or "").split()
+    if len(leader) == 2:
+        with contextlib.suppress(ProcessLookupError):  # gone: its namespace died with it
+            run.pidns = PidNamespace(int(leader[0]), leader[1])
+            run.leader = int(leader[0])
+    try:
         run.shutdown(timeout=30.0)
-        removed.append(path)
-    return removed
+    finally:
+        if run.pidns is not None:
+            run.pidns.close()
+    return True
 
 
 def _read(path: Path) -> str | None:
@@ -719,7 +788,8 @@ def booted_container(
             root=root,
             run_dir=path,
             leader_pid=leader,
-            pidns=pidns,
+            pidns=pidns.inode,
+            pid_namespace=pidns,
             cgroups=tuple(run.cgroups),
             log_path=path / "console.log",
             _reboot=lambda c: _reboot(run, c, boot_timeout),
@@ -730,9 +800,9 @@ def booted_container(
         run.shutdown(timeout=stop_timeout)
 
 
-def _boot(run: _Run, root: Path, hostname: str, timeout: float) -> tuple[int, int]:
+def _boot(run: _Run, root: Path, hostname: str, timeout: float) -> tuple[int, PidNamespace]:
     """Start systemd-nspawn in the run's cgroups; once the container's systemd is up, return the host
-    PID of that systemd and the inode of its PID namespace.
+    PID of that systemd and its PID namespace (held).
 
     nspawn reports the leader's PID (X_NSPAWN_LEADER_PID=) and, with --notify-ready=yes, READY=1
     once the container's systemd finished start-up, on the NOTIFY_SOCKET we give it.
@@ -788,8 +858,12 @@ def _boot(run: _Run, root: Path, hostname: str, timeout: float) -> tuple[int, in
                     for line in sock.recv(4096).decode(errors="replace").splitlines():
                         if line.startswith("X_NSPAWN_LEADER_PID="):
                             run.leader = int(line.partition("=")[2])
-                            run.pidns = _pidns_of(run.leader)
-                            run.record("leader", f"{run.leader} {_pid_start_time(run.leader)}")
+                            start_time = _pid_start_time(run.leader)
+                            run.record("leader", f"{run.leader} {start_time}")
+                            try:
+                                run.pidns = PidNamespace(run.leader, start_time)
+                            except ProcessLookupError as err:
+                                raise ContainerBootError(f"the container's init died: {err}\n{_tail(run.dir)}") from err
                         elif line == "READY=1":
                             ready = True
                 elif pidfd in readable:
@@ -807,9 +881,12 @@ def _reboot(run: _Run, container: Container, timeout: float) -> None:
     status = run.proc.wait(timeout=timeout)
     if status != 133:  # systemd-nspawn(1): 133 = the container asked to be rebooted
         raise ContainerBootError(f"systemd-nspawn exited with {status}, not 133, on reboot:\n{_tail(run.dir)}")
+    if run.pidns is not None:
+        run.pidns.close()  # the old boot's processes died with its init (and the cgroups still name them)
     run.leader = run.pidns = None
     (run.dir / "notify.sock").unlink()  # _boot binds it afresh
-    container.leader_pid, container.pidns = _boot(run, container.root, container.name, timeout)
+    container.leader_pid, container.pid_namespace = _boot(run, container.root, container.name, timeout)
+    container.pidns = container.pid_namespace.inode
     _wait_running(container, timeout)
 
 
@@ -922,6 +999,7 @@ __all__ = [
     "Container",
     "ContainerBootError",
     "ContainerLeakError",
+    "PidNamespace",
     "booted_container",
     "build_wheels",
     "cache_key",

@@ -71,9 +71,14 @@ def build_deb(version: str | None = None, cache_dir: Path = sc.CACHE_DIR) -> Pat
                               timeout=900, check=False)
         assert done.returncode == 0, done.stderr[-4000:]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "lintian.txt").write_text(done.stderr)
-        shutil.copy2(tree / "dist" / deb.name, deb.with_suffix(".tmp"))
-        os.rename(deb.with_suffix(".tmp"), deb)
+        # Another checkout's suite may build the same sources at the same moment: private temporary names, and
+        # renames, so neither ever reads a half-written file of the other.
+        lintian = out / f".lintian.txt.{os.getpid()}.tmp"
+        lintian.write_text(done.stderr)
+        os.rename(lintian, out / "lintian.txt")
+        partial = out / f".{deb.name}.{os.getpid()}.tmp"
+        shutil.copy2(tree / "dist" / deb.name, partial)
+        os.rename(partial, deb)
     return deb
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,21 +21,27 @@ pytestmark = [
 ]
 
 
+# This test run's demos name everything with this prefix (another checkout's suite may run a demo meanwhile).
+PREFIX = f"istio-vm-demo-{uuid.uuid4().hex[:8]}"
+DEMO_ENV = {**os.environ, "ISTIO_VM_DEMO_PREFIX": PREFIX}
+
+
 def traces() -> dict[str, list[str]]:
     """What a demo could leave behind: its namespaces, processes (Envoys, istio-vm), work directories."""
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    procs = subprocess.run(["pgrep", "-a", "-f", "istio-vm-demo-"], capture_output=True, text=True).stdout.splitlines()
+    procs = subprocess.run(["pgrep", "-a", "-f", f"{PREFIX}-"], capture_output=True, text=True).stdout.splitlines()
     return {
-        "netns": [n for n in netns if n.startswith("istio-vm-demo-")],
+        "netns": [n for n in netns if n.startswith(f"{PREFIX}-")],
         "processes": [p for p in procs if "pgrep" not in p],
-        "workdirs": [d.name for d in Path("/tmp").glob("istio-vm-demo-*")],
+        "workdirs": [d.name for d in Path("/tmp").glob(f"{PREFIX}-*")],
     }
 
 
 def test_demo_shows_capture_hot_restart_and_drain() -> None:
     before = traces()
-    done = subprocess.run([str(ROOT / "scripts" / "demo")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          check=False)  # README command one, exactly (its set-up finds everything installed)
+    # README command one, exactly (its set-up finds everything installed)
+    done = subprocess.run([str(ROOT / "scripts" / "demo")], cwd=ROOT, env=DEMO_ENV, capture_output=True, text=True,
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     for heading in ("The capture rules it installs", "istio-vm start:", "Inbound:", "Outbound:",
@@ -55,12 +63,15 @@ def test_demo_shows_capture_hot_restart_and_drain() -> None:
 
 def test_demo_interrupted_leaves_nothing_behind() -> None:
     before = traces()
-    demo = subprocess.Popen([sys.executable, "-m", "demo"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    demo = subprocess.Popen([sys.executable, "-m", "demo"], cwd=ROOT, env=DEMO_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert demo.stdout is not None
     for line in demo.stdout:  # Ctrl-C once Envoy serves, the moment with the most to clean up
         if line.startswith("== Inbound"):
             break
+    during = traces()  # the demo names its namespaces and work directory with PREFIX
+    assert len(during["netns"]) == 2, during
+    assert len(during["workdirs"]) == 1, during
     demo.send_signal(signal.SIGINT)
     _, err = demo.communicate(timeout=60)
     assert demo.returncode == 130

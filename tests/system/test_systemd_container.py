@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from testbed import systemd_container as sc
+from testbed.wait import wait_for
 
 
 def _why_no_container() -> str:
@@ -103,7 +108,7 @@ def assert_nothing_left(container: sc.Container) -> None:
     for cgroup in container.cgroups:
         assert not cgroup.exists(), f"cgroup {cgroup} survived"
     assert not Path("/run/systemd/nspawn/propagate", container.machine).exists()
-    assert not Path(f"/proc/{container.leader_pid}").exists() or sc._pidns_of(container.leader_pid) != container.pidns
+    assert not container.pid_namespace.holds(container.leader_pid)
 
 
 @pytest.mark.systemd
@@ -231,16 +236,18 @@ def test_a_killed_test_process_leaves_nothing_behind(rootfs: Path) -> None:
         owner.wait(timeout=30)
     leader, run_dir = booted["leader"], Path(booted["run_dir"])
     nspawn = int((run_dir / "nspawn").read_text().split()[0])
-    pidns = sc._pidns_of(leader)
-    assert pidns is not None
+    leader_pid, leader_start = (run_dir / "leader").read_text().split()
+    assert int(leader_pid) == leader
+    namespace = sc.PidNamespace(leader, leader_start)
     # nspawn got SIGTERM (PR_SET_PDEATHSIG) when its parent died, powered the container off and exited.
     assert sc._wait_gone({leader, nspawn}, timeout=30) == set()
     assert "Halting system." in (run_dir / "console.log").read_text()
     assert run_dir.exists()
-    assert run_dir in sc.sweep_stale_runs()
+    # This sweep removes it, unless another test run's booted_container() (e.g. another checkout's suite) swept first.
+    assert run_dir in sc.sweep_stale_runs() or not run_dir.exists()
     assert not run_dir.exists()
     assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
-    assert sc._pids_in_pidns(pidns) == []
+    assert namespace.pids() == []
 
 
 @pytest.mark.systemd
@@ -256,6 +263,59 @@ def test_install_project_as_host_built_wheels(rootfs: Path) -> None:
         assert entry["MESSAGE"] == "wheel"
         assert entry["_SYSTEMD_UNIT"] == "wheel-test.service"
         assert entry["CODE_FILE"] == "<string>"
+
+
+@contextmanager
+def in_new_pid_namespace() -> Iterator[int]:
+    """A `sleep` as PID 1 of a new PID namespace, for the block: its host PID; killed and reaped after."""
+    own = sc._pidns_of(os.getpid())
+    with subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "infinity"],
+                          stderr=subprocess.DEVNULL) as unshare:  # fmt: skip
+        try:
+            child = wait_for(lambda: next((c for c in sc._children(unshare.pid) if sc._pidns_of(c) != own), 0),
+                             timeout=10, what="unshare's child in its new PID namespace")  # fmt: skip
+        except BaseException:
+            unshare.kill()  # --kill-child: its child gets SIGKILL too
+            raise
+        try:
+            yield child
+        finally:
+            os.kill(child, signal.SIGKILL)  # the namespace's init: the namespace ends with it
+            unshare.wait(timeout=10)  # unshare --fork reaps its child, then exits
+
+
+@pytest.mark.root
+def test_a_held_pid_namespace_never_names_a_later_one() -> None:
+    """Teardown once matched a container's processes by a remembered PID-namespace inode. The kernel gives a
+    freed namespace's inode to a later namespace (e.g. another suite's container): teardown then saw that
+    stranger's processes ("processes of the container survived") and killed them. PidNamespace holds the
+    namespace open, so its inode cannot be given away.
+
+    Side by side for a while: a namespace only remembered (the old way), whose inode a later namespace
+    takes within moments on an idle machine, and one held, whose inode none may take. The while ends once
+    the remembered inode was taken (or after 10 s: on a busy machine other namespaces may win the number).
+    """
+    with in_new_pid_namespace() as first:
+        held = sc.PidNamespace(first, sc._pid_start_time(first))
+        assert held.pids() == [first]
+    try:
+        with in_new_pid_namespace() as other:
+            remembered = sc._pidns_of(other)
+        assert remembered is not None
+        taken = False
+        deadline = time.monotonic() + 10.0
+        while not taken and time.monotonic() < deadline:
+            with in_new_pid_namespace() as later:
+                assert sc._pidns_of(later) != held.inode
+                assert not held.holds(later)
+                assert held.pids() == []
+                taken = sc._pidns_of(later) == remembered and sc._pids_in_pidns(remembered) == [later]
+    finally:
+        held.close()
+    with pytest.raises(RuntimeError, match="no longer held"):
+        held.pids()
+    with pytest.raises(ProcessLookupError):
+        sc.PidNamespace(first, sc._pid_start_time(os.getpid()))  # gone: its PID names nobody, or another
 
 
 class _Interrupted(Exception):
