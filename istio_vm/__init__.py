@@ -14,6 +14,7 @@ Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it,
 Edge side:
     cli            argv -> one command -> exit status
     logs           where istio-vm's own log records go (journal or stderr)
+    journal        journald's native protocol without blocking: an entry goes now, waits, or is dropped, counted
     trust          what root may trust: root-only paths, files opened without following planted links
     __main__       `python -m istio_vm`
 """

@@ -49,9 +49,11 @@ def configure(target: str, *, level: int = logging.INFO, journal_sender: Callabl
         root.removeHandler(old)
     handler: logging.Handler
     if target == "journal":
-        from systemd.journal import JournalHandler, send
+        from systemd.journal import JournalHandler
 
-        handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER, sender_function=journal_sender or send)
+        from istio_vm.journal import journal_socket  # libsystemd's send blocks while journald does not read
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER, sender_function=journal_sender or journal_socket().send)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter())

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from istio_vm.journal import JournalSocket
 from istio_vm.service.loop import Loop
 from istio_vm.service.machine import Policy, Supervisor
 from istio_vm.service.notify import Notifier
@@ -71,7 +72,8 @@ class Sim:
     """One loop, its fakes, and a script of timed events (`at`)."""
 
     def __init__(self, command: ProxyCommand = AGENT, *, policy: Policy | None = None,
-                 watchdog_interval: float | None = None, output_target: str = "journal", log_dir: str = "") -> None:
+                 watchdog_interval: float | None = None, output_target: str = "journal", log_dir: str = "",
+                 journal: JournalSocket | None = None) -> None:
         self.clock = FakeClock()
         self.events: list[Event] = []
         self.notifications: list[str] = []
@@ -94,8 +96,8 @@ class Sim:
         self.queue = SignalQueue()
         policy = policy or Policy(hot_restart=command.hot_restart, backoff_initial=1.0)
         self.supervisor = Supervisor(policy, clock=self.clock)
-        self.output = ProxyOutput(output_target, name=command.name, log_dir=log_dir,
-                                  journal_sender=lambda **fields: self.events.append(
+        self.output = ProxyOutput(output_target, name=command.name, log_dir=log_dir, journal=journal,
+                                  journal_sender=None if journal else lambda **fields: self.events.append(
                                       Event("line", fields["MESSAGE"], fields)))
         self.loop = Loop(self.supervisor, command, _Processes(self), Notifier(self._notify), self.output,
                          _Admin(self), clock=self.clock, watchdog_interval=watchdog_interval,

@@ -106,6 +106,7 @@ class Loop:
             self._execute(self.supervisor.tick())
             self._watchdog()
             self.notifier.flush()  # what a full notify socket held back
+            self.output.flush()  # and a full journal socket
             self._update_metrics()
         self._flush_output()
         self._update_metrics()  # stopped: up 0, with the exit status

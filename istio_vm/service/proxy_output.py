@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from istio_vm import trust
 from istio_vm.errors import UntrustedPathError
+from istio_vm.journal import JournalSocket, journal_socket
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,15 @@ class ProxyOutput:
     """The child's output, line by line, to the journal, to stderr, or to istio.log/istio.err.log."""
 
     def __init__(self, target: str, *, name: str, log_dir: str = "/var/log/istio",
-                 journal_sender: Callable[..., Any] | None = None, stderr: TextIO | None = None) -> None:
+                 journal_sender: Callable[..., Any] | None = None, journal: JournalSocket | None = None,
+                 stderr: TextIO | None = None) -> None:
         self.target, self.name, self.log_dir = target, name, log_dir
         self._stderr = stderr or sys.stderr
         self._send = journal_sender
+        self._journal = journal
         if target == "journal" and self._send is None:
-            from systemd.journal import send
-
-            self._send = send
+            self._journal = self._journal or journal_socket()  # never blocks: see istio_vm/journal.py
+            self._send = self._journal.send
         self._files: dict[str, int] = {}  # stream -> fd opened O_APPEND
         self.dropped = 0  # lines lost since the output last worked
         self.dropped_total = 0
@@ -92,10 +94,17 @@ class ProxyOutput:
                         extra={"ISTIO_EVENT": "output"})
             self.dropped = 0
 
+    def flush(self) -> None:
+        """Retry what journald could not take yet (each turn of the loop)."""
+        if self._journal is not None:
+            self._journal.flush()
+
     def close(self) -> None:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+        if self._journal is not None:
+            self._journal.close()  # what waits gets a second to go; a later entry connects again
 
 
 def _write_all(fd: int, data: bytes) -> None:
