@@ -13,6 +13,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from istio_vm import trust
 from istio_vm.config.envfile import evaluate
 from istio_vm.config.model import Shell
 from istio_vm.defaults import DEFAULT_CLUSTER_ENV, DEFAULT_RESOLV_CONF, DEFAULT_SIDECAR_ENV
@@ -149,6 +150,11 @@ def _read_env_file(path: str, euid: int, problems: list[Problem]) -> str | None:
     if euid == 0 and info.st_uid != 0:
         problems.append(Problem(path, None, None, f"owned by uid {info.st_uid}, not root: it configures a "
                                 "root process; chown root it"))
+    if euid == 0 and (reason := _directory_problem(path)) is not None:
+        problems.append(Problem(path, None, None, f"{reason}: another user could put a file of their choice "
+                                "here, and it configures a root process; make every directory on its way root's, "
+                                "not writable by group or others"))
+        return None
     if euid == 0 and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         problems.append(Problem(path, None, None, f"mode {stat.filemode(info.st_mode)} lets others write "
                                 "it: it configures a root process; chmod go-w it"))
@@ -158,6 +164,26 @@ def _read_env_file(path: str, euid: int, problems: list[Problem]) -> str | None:
         line = data[: e.start].count(b"\n") + 1
         problems.append(Problem(f"{path}:{line}", None, None, "not valid UTF-8"))
         return None
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why another user could change which file `path` names, or None: every directory on the way to it, to
+    each link it is or leads through, and to the file it resolves to, must be root's and not writable by group
+    or others (sticky ones such as /tmp are fine: nobody else may rename root's entries there).
+
+    Checked after the read: if only root can change those directories now, nobody else could before.
+    """
+    directories, link = [os.path.dirname(os.path.abspath(path))], os.path.abspath(path)
+    for _ in range(40):  # the kernel's limit of links on one path
+        if not os.path.islink(link):
+            break
+        link = os.path.join(os.path.dirname(link), os.readlink(link))
+        directories.append(os.path.dirname(os.path.abspath(link)))
+    directories.append(os.path.dirname(os.path.realpath(path)))
+    for directory in dict.fromkeys(directories):
+        if (reason := trust.root_path_problem(directory, sticky_ok=True)) is not None:
+            return reason
+    return None
 
 
 def _others_may_read(path: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.root
 class Vm:
     def __init__(self, ns: Netns, workdir: Path) -> None:
         self.ns, self.workdir = ns, workdir
+        self.cluster_env = workdir / "cluster.env"  # what --cluster-env names
         self.env = {"PATH": os.environ["PATH"], "PROXY_UID": "997", "ISTIO_VM_RUN_DIR": str(workdir / "run"),
                     "ENVOY_USER": "root", "EXEC_USER": "root"}
 
@@ -36,7 +38,7 @@ class Vm:
         import subprocess
 
         done = subprocess.run(["ip", "netns", "exec", self.ns.name, ISTIO_VM, "--sidecar-env", "/nonexistent",
-                               "--cluster-env", str(self.workdir / "cluster.env"), *args],
+                               "--cluster-env", str(self.cluster_env), *args],
                               env=self.env, capture_output=True, text=True, timeout=60, check=False)
         if check is not None:
             assert done.returncode == check, done.stderr
@@ -88,6 +90,52 @@ def test_clean_works_with_a_broken_env_file_and_is_idempotent(vm: Vm) -> None:
     assert vm.save() == before
     vm.istio_vm("iptables", "clean")  # nothing left: still succeeds
     assert vm.save() == before
+
+
+@pytest.mark.parametrize("how", ["directory of another user", "directory others may write", "parent of another user",
+                                 "link into a directory of another user", "sticky directory (accepted)"])
+def test_an_env_file_in_a_directory_another_user_could_change_is_refused_and_nothing_changes(vm: Vm,
+                                                                                             how: str) -> None:
+    """Root checked the env file itself, not its directory: another user who may write the directory can swap
+    in a file of their choice (e.g. a link to a root-owned file, which passes the file's own checks)."""
+    vm.write(reference_env())
+    vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+    installed = vm.save()
+    other = pwd.getpwnam("istio-proxy").pw_uid
+    parent = vm.workdir / "etc-istio"
+    config = parent / "config"
+    config.mkdir(parents=True)
+    parent.chmod(0o755)
+    config.chmod(0o755)
+    env = config / "cluster.env"
+    env.write_text(reference_env() + "ISTIO_INBOUND_PORTS='8080,9999'\n")  # rules of its own
+    env.chmod(0o644)
+    vm.cluster_env = env
+    untrusted = config
+    if how in ("directory of another user", "link into a directory of another user"):
+        os.chown(config, other, other)
+    elif how == "directory others may write":
+        config.chmod(0o777)
+    elif how == "parent of another user":
+        os.chown(parent, other, other)
+        untrusted = parent
+    else:
+        config.chmod(0o1777)  # as /tmp: nobody else may rename or delete root's file there
+    if how.startswith("link"):
+        vm.cluster_env = vm.workdir / "cluster.env"
+        vm.cluster_env.unlink()
+        vm.cluster_env.symlink_to(env)  # the link is in root's directory; its target is not
+    if how.startswith("sticky"):
+        vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"))
+        assert vm.save() != installed  # the file's rules went in
+        return
+    _, _, err = vm.istio_vm("iptables", "install", "--resolv-conf", str(REFERENCE / "resolv.conf"), check=78)
+    reason = "writable by others" if how == "directory others may write" else f"owned by uid {other}"
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [f"istio-vm: config error: {vm.cluster_env}: {untrusted} is {reason}: another user could put a "
+                      "file of their choice here, and it configures a root process; make every directory on its way "
+                      "root's, not writable by group or others"]
+    assert vm.save() == installed  # untouched
 
 
 def test_bad_value_never_reaches_iptables(vm: Vm) -> None:
