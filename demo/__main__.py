@@ -173,7 +173,7 @@ def demo(workdir: Path, base: int) -> bool:
             with client.entered():
                 slow = Load(VM_V4, 8080, path="/slow?delay=1", keepalive_threads=0, fresh_threads=4,
                             max_requests=4).start()
-            slow.wait_in_flight(4)
+            wait_for(lambda: app.busy == 4, timeout=10, what="4 slow requests at the app")  # through Envoy
             daemon.proc.send_signal(signal.SIGTERM)
             in_flight = slow.stop()
             status = daemon.proc.wait(timeout=30)

@@ -35,6 +35,7 @@ class _Server(ThreadingHTTPServer):
         self.delay = delay
         self.quiet = quiet
         self.count = 0
+        self.busy = 0  # requests received and not answered yet
         self.lock = threading.Lock()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -50,6 +51,15 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def _answer(self) -> None:
+        with self.server.lock:
+            self.server.busy += 1
+        try:
+            self._respond()
+        finally:
+            with self.server.lock:
+                self.server.busy -= 1
+
+    def _respond(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         delay = float(query.get("delay", [self.server.delay])[0])
@@ -104,6 +114,12 @@ class App:
         """How many requests were answered."""
         with self._server.lock:
             return self._server.count
+
+    @property
+    def busy(self) -> int:
+        """How many requests it is working on now (received, not answered yet): e.g. in a ``?delay=``."""
+        with self._server.lock:
+            return self._server.busy
 
     def start(self) -> App:
         self._thread = threading.Thread(

@@ -119,7 +119,8 @@ class Load:
 
     @property
     def in_flight(self) -> int:
-        """Requests sent whose response has not been read yet."""
+        """Requests begun whose response has not been read yet (counted before they connect: not proof that the
+        server has them)."""
         with self._lock:
             return self._in_flight
 
