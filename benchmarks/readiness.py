@@ -42,7 +42,7 @@ from benchmarks.supervisor import Notifications, machine, summary_ms
 from testbed.envoy import base_id, envoy_binary, remove_shm
 from testbed.netns import Netns
 from testbed.service import BUNDLED, Service, ensure_user, service
-from testbed.wait import children_named, process_gone, wait_for
+from testbed.wait import children_named, wait_for
 
 BACKOFF = 0.2
 ADMIN_PORT = 15000  # the bundled bootstrap's
@@ -114,7 +114,8 @@ def istio_vm_envoy(envoy: Path) -> tuple[dict[str, float], list[str]]:
                 t1 = time.monotonic()
                 svc.signal(signal.SIGHUP)
                 hot = notes.arrival("READY=1", t1) - t1
-                wait_for(lambda: process_gone(old), 15, "the old epoch's exit")
+                # reaped, not only exited: a zombie not yet reaped is still a child called envoy
+                wait_for(lambda: old not in children_named(svc.daemon_pid(), "envoy"), 15, "the old epoch's exit")
                 [current] = children_named(svc.daemon_pid(), "envoy")
                 t2 = time.monotonic()
                 os.kill(current, signal.SIGKILL)

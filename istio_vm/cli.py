@@ -16,12 +16,13 @@ from istio_vm.defaults import DEFAULT_RESOLV_CONF, FORMATS
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms); mypy knows the name
 if TYPE_CHECKING:
     import logging
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
     from istio_vm.config.model import Config
     from istio_vm.config.sources import Sources
     from istio_vm.errors import ExitStatus
     from istio_vm.iptables import commands
+    from istio_vm.iptables.parts import Part
     from istio_vm.iptables.trace import Flow
 
 # Commands import what they use when they run: `--help` loads argparse and nothing else, `iptables
@@ -35,8 +36,36 @@ def _log() -> logging.Logger:
     return logging.getLogger("istio_vm")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, the width found as `shutil.get_terminal_size()` finds it ($COLUMNS, else
+    stdout's terminal, else 80) without importing shutil: argparse imports it for the first argument
+    of every command, and it loads bz2, lzma, zlib and fnmatch (~5 ms of each start)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a bad command line; istio-vm's status for it is EX_USAGE (64), as systemd names it."""
+    """argparse exits 2 on a bad command line; istio-vm's status for it is EX_USAGE (64), as systemd names it.
+    Its help formatter is _HelpFormatter; the commands' parsers are of the same class (add_subparsers)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         from istio_vm.errors import ExitStatus
@@ -319,15 +348,23 @@ def cmd_iptables(args: argparse.Namespace) -> ExitStatus:
 def cmd_start(args: argparse.Namespace) -> int:
     from istio_vm.config.start_args import parse_start_args
     from istio_vm.errors import ExitStatus
-    from istio_vm.iptables import commands
     from istio_vm.service import start
 
     start_args = parse_start_args(args.start_args)
     if start_args.mode == "clean":
+        from istio_vm.iptables import commands
+
         commands.clean(clean_settings(args))
         return ExitStatus.OK
     config = load_config(args, start_args.overrides, log_to_config_target=True, check_writes=True)
-    return start.start(config, start_args.mode, install_iptables=commands.install)
+    return start.start(config, start_args.mode, install_iptables=_install)
+
+
+def _install(config: Config, on: frozenset[Part]) -> object:
+    """`iptables install`, its wing imported when it runs: `start` spawns the proxy first (service/start.py)."""
+    from istio_vm.iptables import commands
+
+    return commands.install(config, on)
 
 
 def cmd_reload(args: argparse.Namespace) -> ExitStatus:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
-from istio_vm.service.capture_helper import CaptureHelper
 from istio_vm.service.machine import (
     Action,
     CountConnections,
@@ -41,7 +40,8 @@ from istio_vm.service.proxy_command import ProxyCommand
 from istio_vm.service.proxy_output import ProxyOutput
 from istio_vm.service.signals import SignalQueue
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # capture_helper loads the apply engine: only a policy that follows the proxy needs it
+    from istio_vm.service.capture_helper import CaptureHelper
     from istio_vm.service.machine import Policy
     from istio_vm.service.metrics_file import MetricsWriter
     from istio_vm.service.reload import ReloadChannel
@@ -81,6 +81,7 @@ class Loop:
     reloads: ReloadChannel | None = None  # where `istio-vm reload` leaves new settings and reads the outcome
     _next_watchdog: float | None = field(init=False, default=None)
     capture: CaptureHelper | None = None  # the fail-open policies' privileged helper
+    first: Child | OSError | None = None  # epoch 0, spawned by start.py before the loop (or why it failed)
     _capture_on: frozenset[Part] = field(init=False, default=ALL_PARTS)
     _before_reload: tuple[ProxyCommand, Policy] | None = field(init=False, default=None)
     metrics: MetricsWriter | None = None  # ISTIO_VM_METRICS_FILE
@@ -266,13 +267,16 @@ class Loop:
 
     def _spawn(self, epoch: int, restart_epoch: int) -> None:
         argv = self.command.argv(restart_epoch)
-        if restart_epoch == 0 and self.command.shared_memory is not None:
+        first, self.first = self.first, None
+        if first is None and restart_epoch == 0 and self.command.shared_memory is not None:
             # Envoy's hot-restart memory left by another user (e.g. an old run as root) makes a fresh
             # epoch 0 abort ("cannot open shared memory region"); ours is reused safely, even after a SIGKILL.
             self.ops.remove_foreign(self.command.shared_memory)
         log.info("Epoch %s command: %s", epoch, " ".join(argv), extra={"ISTIO_EPOCH": epoch})
         try:
-            started: Child = self.ops.spawn(argv, self.command.environment)
+            if isinstance(first, OSError):
+                raise first
+            started: Child = self.ops.spawn(argv, self.command.environment) if first is None else first
         except OSError as e:
             self._execute(self.supervisor.spawn_failed(epoch, f"{argv[0]}: {e.strerror or e}"))
             return

@@ -58,11 +58,12 @@ class Policy:
     restart_window: float = 300.0
     termination_drain: float = 5.0
     stop_timeout: float = 10.0
-    # Readiness while an epoch starts: the first probe soon after the spawn, the delays doubling up to
-    # probe_max (Envoy is LIVE ~90 ms after its spawn; READY=1 then follows within probe_max); an epoch
-    # still starting after probe_patient_after waits on something else (istiod) and is probed every
-    # probe_interval. Once ready, nothing is probed.
+    # Readiness while an epoch starts: every probe_first for the first probe_quick_for (Envoy is LIVE
+    # ~80-90 ms after its spawn, so READY=1 follows within ~10 ms), then the delays doubling up to
+    # probe_max; an epoch still starting after probe_patient_after waits on something else (istiod) and
+    # is probed every probe_interval. Once ready, nothing is probed.
     probe_first: float = 0.01
+    probe_quick_for: float = 0.5
     probe_max: float = 0.04
     probe_patient_after: float = 30.0
     probe_interval: float = 0.5
@@ -422,9 +423,12 @@ class Supervisor:
         return [Spawn(record.number, restart_epoch)]
 
     def _next_probe_delay(self, starting_for: float) -> float:
-        """Doubling from probe_first to probe_max, then probe_interval once the start takes long."""
+        """probe_first while the start is young, then doubling to probe_max, then probe_interval once the
+        start takes long."""
         if starting_for >= self.policy.probe_patient_after:
             return self.policy.probe_interval
+        if starting_for < self.policy.probe_quick_for:
+            return self.policy.probe_first
         self._probe_delay = min(self._probe_delay * 2.0, self.policy.probe_max)
         return self._probe_delay
 

@@ -1,7 +1,8 @@
 """Become the user the proxy runs as: supplementary groups, then group, then user.
 
 No `su` or `sudo` (1.9 built an `su -c` string from env-file values): the supervisor drops its own
-privileges in-process after the root-only work (iptables), and its children inherit the result.
+privileges in-process after the root-only work (iptables), and its children inherit the result; epoch
+0, spawned while the rules are installed, switches itself the same way before its exec (processes.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class Identity:
     gid: int
     groups: tuple[int, ...]  # supplementary groups, as initgroups(3) would set them
     home: str
+
+    def credentials(self) -> tuple[int, int, tuple[int, ...]]:
+        """(uid, gid, groups): what a child spawned while we are still root switches to (processes.py)."""
+        return self.uid, self.gid, self.groups
 
     def environment(self) -> dict[str, str]:
         """What `su -s /bin/bash ... USER` set for pilot-agent in istio-start.sh 1.9."""

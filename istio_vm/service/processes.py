@@ -21,12 +21,17 @@ from typing import Protocol
 
 from istio_vm import trust
 from istio_vm.errors import UntrustedPathError
+from istio_vm.service.privileges import PR_SET_NO_NEW_PRIVS
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 CHILDREN_FILE = "children"  # RUN_DIR/children: "pid start-time uid" of each live epoch's process group
+# The signals the supervisor catches (loop.SIGNALS, SIGUSR2, SIGCHLD): a child gets them at their default
+# even when it is spawned before the loop's handlers exist (start.py ignores SIGHUP and SIGUSR2 until then,
+# and an ignored signal stays ignored across exec).
+CAUGHT = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD})
 KILL_PASSES = 100  # kill_tree's bound: each pass sees what was forked while the previous one looked
 
 
@@ -55,15 +60,18 @@ def become_subreaper() -> None:
 
 
 class RealProcessOps:
-    def __init__(self, children: int | None = None) -> None:
+    def __init__(self, children: int | None = None, *, user: tuple[int, int, tuple[int, ...]] | None = None) -> None:
         self._children = children  # fd of RUN_DIR/children, opened as root before the privilege drop
         self._recorded: dict[int, tuple[float, int]] = {}
+        self._user = user  # (uid, gid, groups) a child spawned while we are root switches to before its exec
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], *, record: bool = True) -> Child:
+        """Start a child; `record=False` leaves the RUN_DIR/children entry to a later `record()`."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        user = self._user if self._user is not None and os.geteuid() == 0 else None
         try:
-            pid = _fork_exec(argv, env, out_w, err_w)
+            pid = _fork_exec(argv, env, out_w, err_w, user)
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -73,17 +81,19 @@ class RealProcessOps:
             os.close(err_w)
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        self._record(pid)
+        if record:
+            self.record(pid)
         return Child(pid, out_r, err_r)
 
-    def _record(self, pid: int) -> None:
+    def record(self, pid: int) -> None:
         """RUN_DIR/children := the epochs' groups still alive, with their start times (pid reuse)."""
         if self._children is None:
             return
         import psutil  # here, not at the top: the start imports nothing it needs only after the first spawn
 
+        uid = self._user[0] if self._user is not None and os.geteuid() == 0 else os.getuid()
         with contextlib.suppress(psutil.Error):
-            self._recorded[pid] = (psutil.Process(pid).create_time(), os.getuid())
+            self._recorded[pid] = (psutil.Process(pid).create_time(), uid)
         for old in [p for p, (started, _) in self._recorded.items() if not _alive(p, started)]:
             del self._recorded[old]
         text = "".join(f"{p} {started!r} {uid}\n" for p, (started, uid) in self._recorded.items())
@@ -141,6 +151,17 @@ class RealProcessOps:
 
     def remove_foreign(self, path: str) -> None:
         remove_foreign(path, os.geteuid())
+
+
+def discard(child: Child) -> None:
+    """SIGKILL a child's process group and reap it, its pipes closed: an epoch the start gave up on
+    before the loop took it over (start.py: the install failed while the proxy booted)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child.pid, 0)
+    for fd in (child.stdout, child.stderr):
+        os.close(fd)
 
 
 def remove_foreign(path: str, owner: int) -> None:
@@ -237,8 +258,10 @@ def open_children_file(run_dir: str) -> int:
                               owners=(os.geteuid(),))
 
 
-def _fork_exec(argv: Sequence[str], env: Mapping[str, str], out_w: int, err_w: int) -> int:
-    """fork, then in the child: own session, PR_SET_PDEATHSIG(SIGKILL), stdio, execve.
+def _fork_exec(argv: Sequence[str], env: Mapping[str, str], out_w: int, err_w: int,
+               user: tuple[int, int, tuple[int, ...]] | None = None) -> int:
+    """fork, then in the child: own session, `user`'s groups, group and uid (as privileges.drop_to, with
+    no_new_privs) if given, PR_SET_PDEATHSIG(SIGKILL), stdio, execve.
 
     posix_spawn cannot set the parent-death signal, so this forks. Signals are blocked around fork,
     so no handler of ours runs in the child, whose handlers go back to default before the mask is
@@ -258,9 +281,14 @@ def _fork_exec(argv: Sequence[str], env: Mapping[str, str], out_w: int, err_w: i
                 signal.set_wakeup_fd(-1)
                 for signum in blocked:
                     with contextlib.suppress(OSError, ValueError):
-                        if signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                        if signum in CAUGHT or signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
                             signal.signal(signum, signal.SIG_DFL)
                 os.setsid()
+                if user is not None:  # before the prctl: the kernel clears the death signal when the uid changes
+                    os.setgroups(list(user[2]))
+                    os.setgid(user[1])
+                    os.setuid(user[0])
+                    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
                 if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
                     os._exit(127)
                 null = os.open("/dev/null", os.O_RDONLY)

@@ -1,6 +1,7 @@
 """`istio-vm start` (and `istio-start`): the order of effects of istio-start.sh, made safe.
 
-lock -> iptables clean + install (root) -> drop privileges -> supervise -> exit status.
+lock -> spawn epoch 0 (as the proxy's user) -> iptables clean + install (root) while it boots -> drop
+privileges -> supervise (READY=1 only now, after the rules) -> exit status.
 `init`/`-p` stop after the iptables; `run` skips them; ISTIO_CUSTOM_IP_TABLES=true skips them.
 """
 
@@ -24,6 +25,8 @@ from istio_vm.iptables.parts import ALL_PARTS, CapturePolicy, Part
 if TYPE_CHECKING:
     from istio_vm.service.capture_helper import CaptureHelper
     from istio_vm.service.metrics_file import MetricsWriter
+    from istio_vm.service.processes import Child
+    from istio_vm.service.proxy_output import ProxyOutput
 
 log = logging.getLogger(__name__)
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
@@ -117,14 +120,11 @@ def start(config: Config, mode: str, *, install_iptables: Callable[[Config, froz
     """Run `istio-start [init|run|""]` (`clean` is `istio-vm iptables clean`); returns the exit status."""
     log.info("istio-vm %s starting (mode %s)", __version__, mode or "default")  # which release runs, in the journal
     with _ignored_until_the_loop(mode != "init"), run_lock(config.supervision.run_dir):
-        if mode != "init":
-            check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
-        on = starting_parts(config) if mode == "" else ALL_PARTS  # `init` supervises nothing: 1.9's plan
-        installed = install_iptables(config, on) if mode in ("", "init") else None
         if mode == "init":
+            install_iptables(config, ALL_PARTS)  # `init` supervises nothing: 1.9's plan
             return ExitStatus.OK
-        return supervise(config, capture=installed is not None and not config.iptables.dry_run, capture_on=on,
-                         iptables=mode == "")
+        check_root_proxy(config)  # before the rules: a refusal changes nothing (exit 78)
+        return supervise(config, install_iptables=install_iptables if mode == "" else None)
 
 
 def starting_parts(config: Config) -> frozenset[Part]:
@@ -151,13 +151,13 @@ def check_root_proxy(config: Config) -> None:
 
 def capture_helper_for(config: Config, *, installed: bool, on: frozenset[Part] = ALL_PARTS) -> CaptureHelper | None:
     """The privileged helper, for a policy with parts that follow the proxy and rules we installed (`on`)."""
+    policy = CapturePolicy(config.supervision.capture_policy)
+    if not policy.follows_proxy:
+        return None  # without importing the capture helper's module (and its apply engine)
     from istio_vm.iptables.commands import owners_of
     from istio_vm.iptables.plan import build_plan
     from istio_vm.service.capture_helper import start_helper
 
-    policy = CapturePolicy(config.supervision.capture_policy)
-    if not policy.follows_proxy:
-        return None
     if not installed:
         log.warning("ISTIO_VM_CAPTURE=%s: no rules were installed by this start, so capture does not follow "
                     "the proxy", policy)
@@ -188,23 +188,19 @@ def metrics_writer(config: Config, *, installed: bool) -> MetricsWriter | None:
                          config.supervision.capture_policy, rules)
 
 
-def supervise(config: Config, *, capture: bool = False, capture_on: frozenset[Part] = ALL_PARTS,
-              iptables: bool = True) -> int:
-    """Drop privileges and run the loop until the proxy is stopped: the composition root of the service.
+def supervise(config: Config, *,
+              install_iptables: Callable[[Config, frozenset[Part]], object] | None = None) -> int:
+    """Start the proxy, install the rules (`install_iptables`, if given: the parts `starting_parts` names)
+    while it boots, drop privileges and run the loop until the proxy is stopped: the composition root of
+    the service.
 
     The supervisor's modules are imported here: `istio-start init` (the iptables only) and `istio-vm
-    reload` do not pay for them (psutil, http.client, systemd).
+    reload` do not pay for them (psutil, http.client, systemd); and only those that start the proxy are
+    imported before its spawn (the iptables wing and the loop's are imported while it boots).
     """
-    from istio_vm import logs
-    from istio_vm.service import privileges, processes, reload
-    from istio_vm.service.loop import SIGNALS, Loop
-    from istio_vm.service.machine import Policy, Supervisor
-    from istio_vm.service.notify import Notifier, watchdog_interval
+    from istio_vm.service import privileges, processes
     from istio_vm.service.processes import RealProcessOps, become_subreaper
-    from istio_vm.service.proxy_admin import admin_for
     from istio_vm.service.proxy_command import proxy_command
-    from istio_vm.service.proxy_output import ProxyOutput
-    from istio_vm.service.signals import captured
 
     identity = privileges.resolve(config.agent.exec_user)
     become_subreaper()
@@ -215,13 +211,48 @@ def supervise(config: Config, *, capture: bool = False, capture_on: frozenset[Pa
     children = processes.open_children_file(config.supervision.run_dir)
     if command.shared_memory is not None:
         processes.remove_foreign(command.shared_memory, identity.uid)
-    # Before the drop: the helper stays root (NET_ADMIN/RAW only).
-    helper = capture_helper_for(config, installed=capture, on=capture_on)
-    metrics = metrics_writer(config, installed=capture)
-    reloads = reload.prepare(config, iptables=iptables)
-    privileges.drop_to(identity)
-    output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
-                         log_dir=config.agent.log_dir)
+    ops = RealProcessOps(children, user=None if identity.uid == 0 else identity.credentials())
+    # Epoch 0 is spawned now, still as root (the child switches to the proxy's user before its exec, and
+    # gets the signals the loop will catch at their defaults), so that Envoy's own start (~60-90 ms)
+    # overlaps the rest: the iptables install, the imports of the loop. The loop adopts the epoch; READY=1
+    # only comes from the loop's probe, after the rules are in. The rules' order is unchanged (the install
+    # still removes what it finds and adds the starting parts atomically per family, and the capture
+    # helper starts after it); a failed install kills the epoch before its error ends the start, with the
+    # status and message it always had.
+    first: Child | OSError
+    try:
+        first = ops.spawn(command.argv(0), command.environment, record=False)
+    except OSError as e:  # the loop's first spawn fails as a later one would (spawn_failed, backoff)
+        first = e
+    helper: CaptureHelper | None = None
+    output: ProxyOutput | None = None
+    try:
+        on = starting_parts(config)
+        installed = install_iptables is not None and install_iptables(config, on) is not None
+        if not isinstance(first, OSError):
+            ops.record(first.pid)
+        from istio_vm import logs
+        from istio_vm.service import reload
+        from istio_vm.service.loop import SIGNALS, Loop
+        from istio_vm.service.machine import Policy, Supervisor
+        from istio_vm.service.notify import Notifier, watchdog_interval
+        from istio_vm.service.proxy_admin import admin_for
+        from istio_vm.service.proxy_output import ProxyOutput
+        from istio_vm.service.signals import captured
+
+        capture = installed and not config.iptables.dry_run
+        # Before the drop: the helper stays root (NET_ADMIN/RAW only).
+        helper = capture_helper_for(config, installed=capture, on=on)
+        metrics = metrics_writer(config, installed=capture)
+        reloads = reload.prepare(config, iptables=install_iptables is not None)
+        privileges.drop_to(identity)
+        output = ProxyOutput(logs.choose_target(config.supervision.log_target), name=command.name,
+                             log_dir=config.agent.log_dir)
+    except BaseException:
+        if not isinstance(first, OSError):
+            processes.discard(first)
+        _close(children, helper, output)
+        raise
     policy = Policy.of(config.supervision, hot_restart=command.hot_restart)
     if helper is not None:
         policy = dataclasses.replace(policy, capture_follows=CapturePolicy(config.supervision.capture_policy)
@@ -230,12 +261,17 @@ def supervise(config: Config, *, capture: bool = False, capture_on: frozenset[Pa
     try:
         # SIGCHLD wakes the loop's select; SIGUSR2: a verify recorded its result for the metrics file.
         with captured((*SIGNALS, signal.SIGUSR2, signal.SIGCHLD)) as queue:
-            loop = Loop(supervisor, command, RealProcessOps(children), Notifier(), output, admin_for(command),
+            loop = Loop(supervisor, command, ops, Notifier(), output, admin_for(command),
                         watchdog_interval=watchdog_interval(os.environ, os.getpid()), capture=helper,
-                        reloads=reloads, metrics=metrics)
+                        reloads=reloads, metrics=metrics, first=first)
             return loop.run(queue)
     finally:
+        _close(children, helper, output)
+
+
+def _close(children: int, helper: CaptureHelper | None, output: ProxyOutput | None) -> None:
+    if output is not None:
         output.close()
-        os.close(children)
-        if helper is not None:
-            helper.close()
+    os.close(children)
+    if helper is not None:
+        helper.close()

@@ -77,11 +77,12 @@ def test_capture_follows_readiness_and_the_helper_has_only_net_caps(svc: Service
                                                                       down: set[str]) -> None:
     svc.write_env(REFERENCE_CLUSTER_ENV.read_text() + f"ISTIO_VM_CAPTURE={policy}\n")
     svc.start()
-    # Before ready: the parts that follow the proxy are off; STATUS= says so.
+    # Before ready: the parts that follow the proxy are off; STATUS= says so. (The proxy starts while the
+    # rules are installed: the notification, sent after the lift, is the moment to look.)
     wait_for(lambda: svc.records("start"), 15, "the proxy")
+    svc.wait_notification(f"capture: {'inbound only' if down else 'none'}")
     wait_for(lambda: parts_on(svc) == down, 10, f"capture {down} before ready")
     assert verify(svc) == 0, svc.log()  # compared with what the service recorded in its run dir
-    svc.wait_notification(f"capture: {'inbound only' if down else 'none'}")
     # Never more than that before ready: install itself wrote the proxy-down state (one restore), and the
     # helper had nothing to switch; 1.9's whole plan first and a lift once supervising would capture the
     # VM's connections to a proxy not yet listening for as long as that lift takes (about 30 ms).
@@ -205,6 +206,7 @@ def test_traffic_lands_where_the_policy_says_in_every_phase(policy: str) -> None
             seen = {}
             svc.start()
             wait_for(lambda: svc.records("start"), 15, "the proxy")
+            svc.wait_notification("STATUS=epoch 0 starting")  # the loop's: the rules are in (the proxy boots meanwhile)
             if policy != "fail-closed":
                 svc.wait_notification("capture: " + ("inbound only" if policy == "outbound-fail-open" else "none"))
             seen["before ready"] = observe(p)

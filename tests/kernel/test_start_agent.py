@@ -154,6 +154,25 @@ def test_proxy_ignoring_sigterm_is_killed_with_its_tree(svc: Service) -> None:
     assert svc.processes() == []
 
 
+def test_a_failed_install_stops_the_proxy_spawned_before_it(svc: Service) -> None:
+    """Epoch 0 boots while the rules are installed (service/start.py); when the install fails the start
+    ends as before it did: the error, status 1, no READY=1, and nothing of the proxy left running."""
+    failing = svc.workdir / "failing-bin"
+    failing.mkdir()
+    for name in ("iptables-nft-restore", "iptables-restore"):
+        (failing / name).write_text("#!/bin/sh\necho 'iptables-restore: line 2 failed' >&2\nexit 1\n")
+        (failing / name).chmod(0o755)
+    svc.env.pop("ISTIO_CUSTOM_IP_TABLES")
+    svc.env["PATH"] = f"{failing}:{svc.env['PATH']}"
+    svc.write_env("")
+    svc.start()
+    status, _, err = svc.wait_exit()
+    assert status == 1, err
+    assert "line 2 failed" in err
+    assert "READY=1" not in svc.read_notifications()
+    assert svc.processes() == []  # the double and its Envoy stand-in were killed with their group
+
+
 def test_second_start_is_refused_while_one_runs(svc: Service) -> None:
     svc.write_env("")
     started(svc, "run")

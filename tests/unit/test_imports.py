@@ -48,6 +48,7 @@ def test_help_loads_argparse_and_the_parser_only() -> None:
     modules = loaded("main(['--help'])", "from istio_vm.cli import main")
     assert {m for m in modules if m.startswith("istio_vm")} == {"istio_vm", "istio_vm.cli", "istio_vm.defaults"}
     assert not modules & {"logging", "dataclasses", "typing", "dotenv.parser", "subprocess", "json"}
+    assert not modules & {"shutil", "bz2", "lzma"}  # argparse's width without shutil (cli._HelpFormatter)
 
 
 def test_iptables_plan_loads_neither_the_supervisor_nor_the_network_nor_dotenvs_loading_api(tmp_path: Path) -> None:
@@ -59,7 +60,7 @@ def test_iptables_plan_loads_neither_the_supervisor_nor_the_network_nor_dotenvs_
     assert "dotenv.parser" in modules  # the lexer, loaded from its file
     assert not modules & DOTENV_LOADING_API
     assert not modules & SUPERVISOR
-    assert not modules & {"socket", "ctypes", "subprocess", "json", "istio_vm.iptables.dot"}
+    assert not modules & {"socket", "ctypes", "subprocess", "json", "istio_vm.iptables.dot", "shutil"}
 
 
 def test_a_derived_address_still_reads_the_interfaces(tmp_path: Path) -> None:
@@ -80,3 +81,14 @@ def test_the_supervisor_stack_defers_what_only_runs_after_the_spawn() -> None:
     modules = loaded("pass", "import istio_vm.service.start, istio_vm.service.loop")
     assert "istio_vm.service.proxy_admin" in modules
     assert not modules & {"http.client", "ssl", "email.parser", "psutil"}
+
+
+def test_the_start_spawns_the_proxy_before_importing_the_iptables_wing_or_the_loop() -> None:
+    # service/start.py: what runs before epoch 0's spawn, and what the loop itself loads afterwards (the
+    # install runs in a forked child; the capture helper's module only for a policy that follows the proxy).
+    before_spawn = loaded("pass", "import istio_vm.cli, istio_vm.config.load, istio_vm.service.start, "
+                          "istio_vm.service.privileges, istio_vm.service.processes, istio_vm.service.proxy_command")
+    assert not before_spawn & {"istio_vm.iptables.apply", "istio_vm.iptables.commands", "istio_vm.service.loop",
+                               "istio_vm.service.machine", *SUPERVISOR - {"istio_vm.service.processes"}}
+    loop = loaded("pass", "import istio_vm.service.loop")
+    assert not loop & {"istio_vm.iptables.apply", "istio_vm.service.capture_helper", "subprocess"}

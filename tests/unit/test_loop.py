@@ -156,7 +156,8 @@ def test_readiness_is_probed_until_the_proxy_answers() -> None:
     ready_at = sim.notifications.index("READY=1")
     assert sim.notifications[ready_at + 1] == "STATUS=epoch 0 running, pid 1000, 0 restarts"
     assert 2.0 <= sim.notified_at[ready_at] <= 2.0 + Policy().probe_max  # READY=1 soon after it is ready
-    assert sim.ready_calls_at[:3] == pytest.approx([0.01, 0.03, 0.07])  # fast at first, backing off
+    assert sim.ready_calls_at[:3] == pytest.approx([0.01, 0.02, 0.03])  # every 10 ms at first
+    assert sim.ready_calls_at[-1] - sim.ready_calls_at[-2] == pytest.approx(Policy().probe_max)  # backing off
     assert sim.ready_calls_at[-1] == sim.notified_at[ready_at]  # and not once ready
 
 
@@ -253,3 +254,29 @@ def test_a_reload_takes_the_new_drain_times_and_keeps_the_parts_that_follow_the_
     assert sim.supervisor.policy.termination_drain == 3.0
     assert sim.supervisor.policy.capture_follows == follows
     assert (follows, False) in helper.switched[-2:]
+
+
+def test_an_epoch_0_spawned_before_the_loop_is_adopted_not_spawned_again() -> None:
+    """start.py spawns epoch 0 before installing the rules; the loop's first Spawn takes it over."""
+    sim = Sim(ENVOY, policy=Policy(hot_restart=True, backoff_initial=1.0))
+    exit_on_sigterm(sim, TERMED)
+    sim.loop.first = sim.loop.ops.spawn(ENVOY.argv(0), ENVOY.environment)
+    sim.ready_after = 0.05
+    sim.signal_at(1.0, signal.SIGHUP)
+    sim.signal_at(2.0, signal.SIGTERM)
+    sim.run()
+    assert sorted(sim.children) == [1000, 1001]  # epoch 0 (adopted) and the hot restart's epoch 1
+    assert sim.removed == []  # start.py removed a foreign shm before it spawned the adopted epoch
+    assert "Epoch 0 starting, pid 1000" in sim.logged()
+    assert sim.notified_at[sim.notifications.index("READY=1")] == pytest.approx(0.05, abs=0.011)
+
+
+def test_a_failed_spawn_before_the_loop_is_the_first_epoch_s_spawn_failure() -> None:
+    sim = Sim(AGENT, policy=Policy(backoff_initial=1, backoff_max=1))
+    exit_on_sigterm(sim)
+    sim.loop.first = FileNotFoundError(2, "No such file or directory")
+    sim.signal_at(2.0, signal.SIGTERM)
+    assert sim.run() == ExitStatus.OK
+    messages = sim.logged()
+    assert "Epoch 0 could not start: /usr/local/bin/pilot-agent: No such file or directory" in messages
+    assert "Epoch 1 starting, pid 1000" in messages  # after the backoff, spawned by the loop itself
