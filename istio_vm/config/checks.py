@@ -8,6 +8,7 @@ way: plain decimal, no sign, no spaces, no leading zero (docs/security.md, "Valu
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -90,6 +91,39 @@ def port_list(*, wildcard: bool) -> Check:
     return check
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def go_cidr(item: str) -> tuple[int, str, bool] | None:
+    """Go's net.ParseCIDR: (list it goes to, ipNet.String(), ip.IsLoopback()), or None where Go fails.
+
+    Go files an IPv4-mapped IPv6 address (::ffff:a.b.c.d) under IPv4 and prints a mapped network
+    in dotted form; Python's ipaddress does neither, and it also accepts forms Go rejects
+    (netmasks after the slash, %zone), hence the checks. Cached: `cidr_list`'s check and the plan
+    (iptables/plan.py) both ask, and a list of thousands of CIDRs is parsed once.
+    """
+    address, slash, length = item.partition("/")
+    if not slash or "%" in address or not (length.isascii() and length.isdigit()):
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    digits = length.lstrip("0") or "0"  # Go takes leading zeros; int() of thousands of digits raises
+    prefix = int(digits) if len(digits) <= 3 else ip.max_prefixlen + 1
+    if prefix > ip.max_prefixlen:
+        return None
+    network = ipaddress.ip_network((ip, prefix), strict=False)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return 4, str(network), ip.is_loopback
+    mapped = ip.ipv4_mapped
+    masked = network.network_address
+    assert isinstance(masked, ipaddress.IPv6Address)
+    masked_v4 = masked.ipv4_mapped
+    text = f"{masked_v4}/{prefix - 96}" if masked_v4 is not None else f"{masked.compressed}/{prefix}"
+    if mapped is not None:
+        return 4, text, mapped.is_loopback
+    return 6, text, ip == ipaddress.IPv6Address("::1")
+
+
 def cidr_list(*, wildcard: bool) -> Check:
     def check(text: str) -> str | None:
         if text == "*":
@@ -100,6 +134,9 @@ def cidr_list(*, wildcard: bool) -> Check:
             if "/" not in item:
                 return f"{item!r} is not a CIDR: write {item}/32 (or /128) for one address"
             address, _, prefix = item.partition("/")
+            parsed = go_cidr(item)
+            if parsed is not None and not (parsed[0] == 4 and ":" in address) and not _LEADING_ZERO.match(prefix):
+                continue  # valid; the plan reuses the parse. Otherwise, which rule it breaks:
             try:
                 ip = ipaddress.ip_address(address)
             except ValueError:

@@ -8,10 +8,9 @@ on a fresh `Builder`.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from istio_vm.config.checks import split
+from istio_vm.config.checks import go_cidr, split
 from istio_vm.config.model import Capture
 from istio_vm.iptables.names import (
     AGENT_DNS_PORT,
@@ -51,7 +50,7 @@ def separate_v4_v6(text: str) -> tuple[NetworkRange, NetworkRange]:
     nets: dict[int, list[str]] = {4: [], 6: []}
     loopback = {4: False, 6: False}
     for item in split(text):
-        parsed = _parse_cidr(item)
+        parsed = go_cidr(item)  # the answer validation got (cached): each CIDR is parsed once
         if parsed is None:
             continue
         family, net, is_loopback = parsed
@@ -59,36 +58,6 @@ def separate_v4_v6(text: str) -> tuple[NetworkRange, NetworkRange]:
         loopback[family] |= is_loopback
     return (NetworkRange(False, tuple(nets[4]), loopback[4]),
             NetworkRange(False, tuple(nets[6]), loopback[6]))
-
-
-def _parse_cidr(item: str) -> tuple[int, str, bool] | None:
-    """Go's net.ParseCIDR: (list it goes to, ipNet.String(), ip.IsLoopback()), or None where Go fails.
-
-    Go files an IPv4-mapped IPv6 address (::ffff:a.b.c.d) under IPv4 and prints a mapped network
-    in dotted form; Python's ipaddress does neither, and it also accepts forms Go rejects
-    (netmasks after the slash, %zone), hence the checks.
-    """
-    address, slash, length = item.partition("/")
-    if not slash or "%" in address or not (length.isascii() and length.isdigit()):
-        return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    prefix = int(length)
-    if prefix > ip.max_prefixlen:
-        return None
-    network = ipaddress.ip_network((ip, prefix), strict=False)
-    if isinstance(ip, ipaddress.IPv4Address):
-        return 4, str(network), ip.is_loopback
-    mapped = ip.ipv4_mapped
-    masked = network.network_address
-    assert isinstance(masked, ipaddress.IPv6Address)
-    masked_v4 = masked.ipv4_mapped
-    text = f"{masked_v4}/{prefix - 96}" if masked_v4 is not None else f"{masked.compressed}/{prefix}"
-    if mapped is not None:
-        return 4, text, mapped.is_loopback
-    return 6, text, ip == ipaddress.IPv6Address("::1")
 
 
 def build_plan(capture: Capture) -> Plan:

@@ -124,3 +124,17 @@ def test_tproxy_without_inbound_ports_keeps_connmark_rules_and_runs_no_ip_comman
         "-A OUTPUT -p tcp -m connmark --mark 1337 -j CONNMARK --restore-mark",
         "-I ISTIO_INBOUND 1 -p tcp -m mark --mark 1337 -j RETURN"]
     assert plan.ip_commands == ()
+
+
+def test_the_plan_takes_the_cidrs_as_validation_parsed_them() -> None:
+    """Each CIDR is parsed once (checks.go_cidr, cached): validating ISTIO_SERVICE_EXCLUDE_CIDR, then the plan."""
+    from istio_vm.config.checks import cidr_list, go_cidr
+
+    text = ",".join(f"10.77.{i}.0/24" for i in range(200)) + ",fd77::/64"
+    assert cidr_list(wildcard=False)(text) is None
+    misses = go_cidr.cache_info().misses
+    plan = build_plan(Capture(outbound_ip_ranges_exclude=text, outbound_ip_ranges_include="*",
+                              enable_inbound_ipv6=True))
+    assert go_cidr.cache_info().misses == misses  # no CIDR parsed a second time
+    assert "-A ISTIO_OUTPUT -d 10.77.199.0/24 -j RETURN" in plan.restore(4)
+    assert "-A ISTIO_OUTPUT -d fd77::/64 -j RETURN" in plan.restore(6)
