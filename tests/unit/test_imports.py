@@ -85,7 +85,7 @@ def test_the_supervisor_stack_defers_what_only_runs_after_the_spawn() -> None:
 
 def test_the_start_spawns_the_proxy_before_importing_the_iptables_wing_or_the_loop() -> None:
     # service/start.py: what runs before epoch 0's spawn, and what the loop itself loads afterwards (the
-    # install runs in a forked child; the capture helper's module only for a policy that follows the proxy).
+    # capture helper's module, with the apply engine, only for a policy that follows the proxy).
     before_spawn = loaded("pass", "import istio_vm.cli, istio_vm.config.load, istio_vm.service.start, "
                           "istio_vm.service.privileges, istio_vm.service.processes, istio_vm.service.proxy_command")
     assert not before_spawn & {"istio_vm.iptables.apply", "istio_vm.iptables.commands", "istio_vm.service.loop",
