@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -152,6 +153,18 @@ def test_proxy_ignoring_sigterm_is_killed_with_its_tree(svc: Service) -> None:
     assert time.monotonic() - began >= 3  # TERMINATION_DRAIN_DURATION + ISTIO_VM_STOP_TIMEOUT
     assert "did not exit within 2.0s: killing its process tree" in err
     assert svc.processes() == []
+
+
+def test_the_proxy_spawned_before_the_loop_gets_the_caught_signals_at_their_default(svc: Service) -> None:
+    """start.py ignores SIGHUP and SIGUSR2 until the loop's handlers exist, and epoch 0 is spawned before
+    them: it must not inherit the ignoring (an ignored signal stays ignored across exec)."""
+    svc.env.pop("ISTIO_CUSTOM_IP_TABLES")  # the default mode, where epoch 0 boots during the install
+    svc.write_env("")
+    pid = started(svc)["pid"]
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    ignored = int(status["SigIgn"], 16)
+    for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR1):
+        assert not ignored & (1 << (signum - 1)), signal.Signals(signum).name
 
 
 def test_a_failed_install_stops_the_proxy_spawned_before_it(svc: Service) -> None:
