@@ -62,7 +62,10 @@ class Daemon:
         return istio_vm_command(self.vm.name, self.workdir / "sidecar.env", self.workdir / "cluster.env", *args)
 
     def wait(self, text: str, timeout: float = 30) -> None:
-        wait_for(lambda: self.notify.seen(text) or self.proc.poll() is not None, timeout, f"sd_notify {text!r}")
+        try:
+            wait_for(lambda: self.notify.seen(text) or self.proc.poll() is not None, timeout, f"sd_notify {text!r}")
+        except AssertionError as e:  # still running, never ready: what it said is the diagnosis
+            raise RuntimeError(f"{e}; istio-vm start's log:\n{self.log()[-3000:]}") from None
         if not self.notify.seen(text):
             raise RuntimeError(f"istio-vm start exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
 
