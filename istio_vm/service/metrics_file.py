@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from istio_vm import trust
+from istio_vm.errors import UntrustedPathError
 from istio_vm.iptables.parts import Part
 from istio_vm.service.metrics import MetricsSnapshot, VerifyOutcome, render_metrics
 
@@ -106,13 +108,9 @@ def record_verify(run_dir: str, drift: Mapping[str, int], *, wall: Callable[[], 
     so its metrics file says it. Best effort: verify's own exit status and journal entry are what counts."""
     from istio_vm.service.start import running_pid
 
-    try:
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{VERIFY_RESULT}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            json.dump({"time": wall(), "drift": dict(drift)}, f)
-        os.replace(tmp, os.path.join(run_dir, VERIFY_RESULT))
-    except OSError as e:
+    try:  # root's own run dir: trust's writer (checked directory, no planted link followed)
+        trust.write_atomic(run_dir, VERIFY_RESULT, json.dumps({"time": wall(), "drift": dict(drift)}))
+    except (OSError, UntrustedPathError) as e:
         log.debug("verify result not recorded in %s: %s", run_dir, e)
         return
     pid = running_pid(run_dir)

@@ -21,9 +21,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from istio_vm import trust
 from istio_vm.config.model import Config
 from istio_vm.config.settings import BY_NAME
-from istio_vm.errors import ConfigError, ExitStatus, IstioVmError, LockedError, Problem
+from istio_vm.errors import ConfigError, ExitStatus, IstioVmError, LockedError, Problem, UntrustedPathError
 from istio_vm.service import privileges
 from istio_vm.service.machine import Policy
 from istio_vm.service.proxy_command import ProxyCommand, proxy_command
@@ -117,7 +118,7 @@ def prepare(config: Config, *, iptables: bool) -> ReloadChannel:
             os.unlink(stale)
     # The environment too: reload must build the proxy's from start's, not from its own (ExecReload's has
     # MAINPID and another JOURNAL_STREAM). Root's only (0600): a unit's Environment= may hold secrets.
-    _write_atomically(os.path.join(run_dir, RUNNING), json.dumps(
+    trust.write_atomic(run_dir, RUNNING, json.dumps(
         {"pid": os.getpid(), "iptables": iptables, "settings": restart_only(config),
          "helper_plan": helper_plan(config) if iptables else None, "environment": dict(os.environ)}) + "\n", 0o600)
     return ReloadChannel(run_dir)
@@ -196,7 +197,7 @@ def reload(config: Config, *, install_iptables: Callable[[Config], object], time
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(own, RESULT))
         path = os.path.join(run_dir, REQUEST)
-        _write_atomically(path, request.to_json(), 0o400)
+        trust.write_atomic(run_dir, REQUEST, request.to_json(), 0o400)
         if os.geteuid() == 0:
             os.chown(own, identity.uid, identity.gid)  # where the supervisor (that user) answers
             os.chown(path, identity.uid, identity.gid)  # the proxy's environment may hold what only it may read
@@ -259,10 +260,10 @@ def _wait(path: str, request: str, timeout: float) -> dict[str, object] | None:
     """The supervisor's answer to `request`, polled until `timeout` (a file: the supervisor holds no socket)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(path, encoding="utf-8") as f:
+        try:  # as root, in a directory the proxy's user owns: a link planted there is not followed
+            with open(trust.open_checked(path, os.O_RDONLY), encoding="utf-8") as f:
                 answer = json.load(f)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, UntrustedPathError):
             answer = None
         if isinstance(answer, dict) and answer.get("id") == request:
             return answer
@@ -271,7 +272,8 @@ def _wait(path: str, request: str, timeout: float) -> dict[str, object] | None:
 
 
 def _write_atomically(path: str, text: str, mode: int) -> None:
-    """Atomically: a temporary file beside it, then rename (a reader sees the old text or the new, whole)."""
+    """The supervisor's answer, in its own directory (not root's, so not trust.write_atomic): a temporary
+    file beside it, then rename (a reader sees the old text or the new, whole)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
