@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_PROBLEMS_SHOWN = 20  # problems printed per run; the rest are counted ("... and N more")
 MAX_PROBLEM_LINE = 400  # characters of one problem line
@@ -35,8 +35,7 @@ class ExitStatus(enum.IntEnum):
     CONFIG = 78  # EX_CONFIG: bad configuration; systemd must not restart (RestartPreventExitStatus=78)
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
+class Problem(NamedTuple):
     """One configuration error, rendered as a single line.
 
     >>> str(Problem("/etc/c.env:3", "ENVOY_PORT", "0", "not a port (1-65535)"))

@@ -16,9 +16,8 @@ import io
 import re
 import sys
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from istio_vm.errors import Problem
 
@@ -105,8 +104,7 @@ _COMMAND_HINTS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Assignment:
+class Assignment(NamedTuple):
     """One `NAME=VALUE` of an env file, with its value as bash would have assigned it."""
 
     name: str
@@ -119,8 +117,7 @@ class Assignment:
         return f"{self.path}:{self.line}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Statement:
+class _Statement(NamedTuple):
     name: str
     text: str  # the value after unquoting, before `${...}` expansion
     expand: bool  # False for single-quoted values, which bash never expands

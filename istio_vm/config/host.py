@@ -9,34 +9,32 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(NamedTuple):
     interface: str
     ip: str
     interface_is_loopback: bool
     interface_is_up: bool
 
 
-@dataclass(frozen=True, slots=True)
-class User:
+class User(NamedTuple):
     name: str
     uid: int
     gid: int
     home: str
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(NamedTuple):
     """What the config builder may know about the machine."""
 
     # In getifaddrs(3) order: every IPv4 address, then every IPv6 (load.py's reads them on first use).
     addresses: Sequence[Address] = ()
     hostname: str = "localhost"
     euid: int = 0
-    users: Mapping[str, User] = field(default_factory=dict)  # the accounts the env files name, by name
+    users: Mapping[str, User] = MappingProxyType({})  # the accounts the env files name, by name
 
     def user(self, name: str) -> User | None:
         return self.users.get(name)

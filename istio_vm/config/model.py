@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from istio_vm.config.host import User
 from istio_vm.errors import Problem
@@ -16,8 +16,7 @@ from istio_vm.errors import Problem
 DNS_SERVERS = "DNS_SERVERS"  # not a variable: the nameservers istio-iptables read, shown in its dump
 
 
-@dataclass(frozen=True, slots=True)
-class Shell:
+class Shell(NamedTuple):
     """The shell variables after `set -a; . sidecar.env; . cluster.env`, with where each came from."""
 
     variables: Mapping[str, str]
@@ -26,8 +25,7 @@ class Shell:
     problems: tuple[Problem, ...] = ()  # what the files got wrong (syntax, permissions)
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvConf:
+class ResolvConf(NamedTuple):
     """resolv.conf as read at load time: its text, or why it could not be read (then `text` is "")."""
 
     path: str
@@ -35,15 +33,13 @@ class ResolvConf:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
+class Value(NamedTuple):
     name: str
     value: str
     source: str  # "FILE:LINE", "environment", "default", "derived" or "--flag"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Capture:
+class Capture(NamedTuple):
     """The inputs of istio-iptables 1.9 (its Config struct), validated, as the strings it passes on."""
 
     proxy_port: str = "15001"
@@ -71,16 +67,14 @@ class Capture:
         return self.inbound_interception_mode == "TPROXY"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IptablesOptions:
+class IptablesOptions(NamedTuple):
     custom: bool = False  # ISTIO_CUSTOM_IP_TABLES=true: never touch iptables
     backend: str | None = None  # "nft", "legacy", or None to detect
     dry_run: bool = False
     skip_rule_apply: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Agent:
+class Agent(NamedTuple):
     """What istio-start.sh computes for `pilot-agent proxy`."""
 
     bin_base: str
@@ -106,8 +100,7 @@ class Proxy(enum.StrEnum):
     ENVOY = "envoy"  # Envoy itself, with hot-restart epochs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Supervision:
+class Supervision(NamedTuple):
     proxy: Proxy
     envoy_binary: str
     envoy_bootstrap: str
@@ -129,8 +122,7 @@ class Supervision:
     metrics_file: str = ""  # ISTIO_VM_METRICS_FILE; "" none
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
+class Config(NamedTuple):
     capture: Capture
     iptables: IptablesOptions
     agent: Agent
@@ -138,7 +130,7 @@ class Config:
     values: Mapping[str, Value]  # every setting by name, in settings.py order, then DNS_SERVERS: for display
     environment: Mapping[str, str]  # what istio-start.sh exported: environment + env files, in order
     files: tuple[str, ...]  # the env files read, in order
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
     def value(self, name: str) -> Value:
         """The setting's value and where it came from (KeyError for a name that is not a setting)."""

@@ -7,7 +7,7 @@ checks in config.py; a test fails when the generated docs drift from it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.config import checks as v
 
@@ -18,8 +18,7 @@ class Section(enum.StrEnum):
     SUPERVISOR = "supervisor"
 
 
-@dataclass(frozen=True, slots=True)
-class Setting:
+class Setting(NamedTuple):
     name: str  # the name in dumps and `config --json`
     section: Section
     default: str  # the default as text; "" means empty, a sentence in <...> means derived

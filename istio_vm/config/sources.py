@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm import trust
 from istio_vm.config.envfile import evaluate
@@ -89,8 +89,7 @@ def _check_size(size: int, limit: int) -> None:
         raise Unreadable(f"larger than {limit // 1024} KiB ({size} bytes or more): not a configuration file")
 
 
-@dataclass(frozen=True, slots=True)
-class Sources:
+class Sources(NamedTuple):
     """Where the configuration is read from (the CLI's flags, or their defaults)."""
 
     sidecar_env: str | None = None  # --sidecar-env

@@ -8,7 +8,7 @@ the env files, as flags beat the environment in istio-iptables.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.errors import ConfigError, Problem
 
@@ -41,8 +41,7 @@ _SHORT = {f[0]: f for f in FLAGS if f[0]}
 _LONG = {f[1]: f for f in FLAGS}
 
 
-@dataclass(frozen=True, slots=True)
-class StartArgs:
+class StartArgs(NamedTuple):
     mode: str  # "init" (also for -p), "run", "clean", or "" (install iptables, then supervise)
     overrides: dict[str, tuple[str, str]]  # variable -> (value, "--flag") from istio-iptables flags
 

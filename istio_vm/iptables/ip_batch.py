@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OBJECTS = {"rule": "rule", "route": "route", "addr": "address", "address": "address"}
 VERBS = {"add": "add", "del": "del", "delete": "del"}
@@ -18,8 +18,7 @@ FAMILY_OPTIONS = {"inet": "inet", "inet6": "inet6", "-4": "inet", "-6": "inet6"}
 _FAILED = re.compile(r"^Command failed -:(\d+)\s*$", re.MULTILINE)
 
 
-@dataclass(frozen=True, slots=True)
-class IpCommand:
+class IpCommand(NamedTuple):
     argv: tuple[str, ...]  # as given, e.g. ("ip", "-f", "inet", "rule", "add", "fwmark", "1337", ...)
     family: str | None  # the -f/-4/-6 option still needed on the batch process (None: implied)
     words: tuple[str, ...]  # the batch line: object, verb, arguments
@@ -72,8 +71,7 @@ def _needed_family(family: str | None, words: Sequence[str]) -> str | None:
     return None if family == "inet" else family
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(NamedTuple):
     family: str | None
     commands: tuple[IpCommand, ...]
 

@@ -9,7 +9,6 @@ the capture helper switch parts by installing `plan_with(...)` with the apply en
 from __future__ import annotations
 
 import enum
-from dataclasses import replace
 
 from istio_vm.iptables.names import AGENT_DNS_PORT, ISTIO_INBOUND, ISTIO_REDIRECT
 from istio_vm.iptables.rules import Plan, Rule
@@ -64,7 +63,7 @@ def plan_with(plan: Plan, on: frozenset[Part]) -> Plan:
     def keep(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
         return tuple(r for r in rules if (part := part_of(r)) is None or part in on)
 
-    return replace(plan, v4=keep(plan.v4), v6=keep(plan.v6))
+    return plan._replace(v4=keep(plan.v4), v6=keep(plan.v6))
 
 
 def describe_parts(on: frozenset[Part]) -> str:

@@ -8,7 +8,7 @@ on a fresh `Builder`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.config.checks import go_cidr, split
 from istio_vm.config.model import Capture
@@ -34,8 +34,7 @@ CIDR_IN, CIDR_EXCLUDE = "ISTIO_SERVICE_CIDR", "ISTIO_SERVICE_EXCLUDE_CIDR"
 MODE, MARK = "ISTIO_INBOUND_INTERCEPTION_MODE", "ISTIO_INBOUND_TPROXY_MARK"
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkRange:
+class NetworkRange(NamedTuple):
     """Istio's NetworkRange: `ip_nets` hold Go's `ipNet.String()` (the masked network)."""
 
     is_wildcard: bool = False

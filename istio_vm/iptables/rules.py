@@ -8,7 +8,7 @@ as 1.9's command lines or as JSON. Pure: nothing here touches the host.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from istio_vm.iptables import ip_batch
 from istio_vm.iptables.ip_batch import IpCommand
@@ -18,8 +18,7 @@ from istio_vm.iptables.saved import TextError, table_sections
 ALWAYS = "(always)"  # the `setting` of a rule that no variable switches on or shapes
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """One rule: `params` exactly as Istio stores them, `("-A", chain, ...)` or `("-I", chain, "1", ...)`.
 
     `setting` names the variable that produced the rule: the one that switches it on, or for a rule
@@ -83,13 +82,12 @@ def _new_chains(rules: tuple[Rule, ...]) -> list[Rule]:
     return first
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """Everything istio-iptables 1.9 would do: IPv4 and IPv6 rules, and the `ip` commands it ran."""
 
     v4: tuple[Rule, ...] = ()
     v6: tuple[Rule, ...] = ()
-    ip_commands: tuple[IpCommand, ...] = field(default=())
+    ip_commands: tuple[IpCommand, ...] = ()
 
     @classmethod
     def from_restore(cls, v4: str, v6: str = "", ip_commands: Sequence[Sequence[str]] = ()) -> Plan:

@@ -9,8 +9,8 @@ target and target arguments) to recognise it by shape whatever order a given ipt
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
+from typing import NamedTuple
 
 from istio_vm.iptables.names import BUILTIN_CHAINS
 
@@ -26,8 +26,7 @@ class TextError(ValueError):
     """A restore or save text that cannot be read; the message names the line."""
 
 
-@dataclass(frozen=True)
-class SavedRule:
+class SavedRule(NamedTuple):
     """One `-A CHAIN spec` line of a save dump, and its normalised form.
 
     The normalised form (options, target, target_args) is worked out when first asked for: most rules
@@ -38,9 +37,9 @@ class SavedRule:
     chain: str
     spec: str  # everything after "-A CHAIN ", exactly as saved
 
-    @cached_property
+    @property
     def _shape(self) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
-        return _normalise(self.spec)
+        return _normalise(self.spec)  # cached by spec: a rule asked for options, then target, parses once
 
     @property
     def options(self) -> frozenset[tuple[bool, str, str]]:
@@ -61,8 +60,7 @@ class SavedRule:
         return f"-A {self.chain} {self.spec}" if self.spec else f"-A {self.chain}"
 
 
-@dataclass(frozen=True, slots=True)
-class SavedTable:
+class SavedTable(NamedTuple):
     name: str
     chains: tuple[tuple[str, str], ...]  # (chain, policy) in saved order; user chains have policy "-"
     rules: tuple[SavedRule, ...]  # in saved order: chain by chain, each chain's rules in kernel order
@@ -78,6 +76,7 @@ def parse_rule(table: str, chain: str, spec: str) -> SavedRule:
     return SavedRule(table, chain, spec)
 
 
+@lru_cache(maxsize=16384)  # bounded: a supervisor parses dumps for as long as it runs
 def _normalise(spec: str) -> tuple[frozenset[tuple[bool, str, str]], str, tuple[str, ...]]:
     tokens = _words(spec)
     options: set[tuple[bool, str, str]] = set()

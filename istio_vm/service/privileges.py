@@ -11,7 +11,7 @@ import ctypes
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.config.host import User
 from istio_vm.errors import PrivilegeError
@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 PR_SET_NO_NEW_PRIVS = 38
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     user: str
     uid: int
     gid: int

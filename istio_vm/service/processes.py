@@ -16,8 +16,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from istio_vm import trust
 from istio_vm.errors import UntrustedPathError
@@ -35,8 +34,7 @@ CAUGHT = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
 KILL_PASSES = 100  # kill_tree's bound: each pass sees what was forked while the previous one looked
 
 
-@dataclass(frozen=True, slots=True)
-class Child:
+class Child(NamedTuple):
     pid: int
     stdout: int  # read ends of the child's stdout / stderr pipes (non-blocking)
     stderr: int

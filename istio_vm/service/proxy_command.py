@@ -9,7 +9,7 @@ Envoy mode: Envoy itself with hot-restart flags, drained and probed through its 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.config.model import Config, Proxy
 
@@ -22,8 +22,7 @@ _REASSIGNED = ("ISTIO_BIN_BASE", "ISTIO_LOG_DIR", "NS", "SVC", "ISTIO_SYSTEM_NAM
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyCommand:
+class ProxyCommand(NamedTuple):
     """How to run this configuration's proxy, epoch after epoch."""
 
     name: str  # "pilot-agent" or "envoy": what its lines in the journal are tagged with

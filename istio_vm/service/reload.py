@@ -61,7 +61,7 @@ class Request:
     rules: tuple[tuple[int, int], ...] | None = None  # (family, count) of the plan reload installed; None: none
 
     def to_json(self) -> str:
-        command = dataclasses.asdict(self.command)
+        command = self.command._asdict()
         command["environment"] = dict(self.command.environment)
         policy = dataclasses.asdict(self.policy)
         policy.pop("capture_follows")  # ISTIO_VM_CAPTURE needs a restart: the supervisor keeps its own

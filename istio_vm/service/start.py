@@ -8,7 +8,6 @@ privileges -> supervise (READY=1 only now, after the rules) -> exit status.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import os
@@ -255,6 +254,8 @@ def supervise(config: Config, *,
         raise
     policy = Policy.of(config.supervision, hot_restart=command.hot_restart)
     if helper is not None:
+        import dataclasses  # after the spawn, like the machine's own dataclasses
+
         policy = dataclasses.replace(policy, capture_follows=CapturePolicy(config.supervision.capture_policy)
                                      .follows_proxy)
     supervisor = Supervisor(policy)

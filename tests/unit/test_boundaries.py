@@ -155,3 +155,25 @@ def test_no_two_functions_classes_or_constants_of_the_package_share_a_name() -> 
                 places.setdefault(name, []).append(str(path.relative_to(ROOT)))
     shared = {name: where for name, where in places.items() if len(where) > 1}
     assert not shared, f"names defined in more than one module: {shared}"
+
+
+KEYWORD_ONLY = frozenset({"Capture", "Agent", "Supervision", "Config"})  # NamedTuples of many same-typed fields
+
+
+def _python_files() -> Iterator[Path]:
+    for top in ("istio_vm", "tests", "testbed", "benchmarks", "tools"):
+        yield from sorted((ROOT / top).rglob("*.py"))
+
+
+def test_the_wide_config_records_are_built_by_keyword() -> None:
+    # They were kw_only dataclasses; as NamedTuples positional arguments would be accepted, and a swap of two
+    # of Capture's nineteen strings would type-check. Every call names its fields (`_replace` does too).
+    offenders = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and node.args:
+                name = node.func.id if isinstance(node.func, ast.Name) else (
+                    node.func.attr if isinstance(node.func, ast.Attribute) else "")
+                if name in KEYWORD_ONLY:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}(...) with positional arguments")
+    assert not offenders, "\n".join(offenders)

@@ -61,6 +61,9 @@ def test_iptables_plan_loads_neither_the_supervisor_nor_the_network_nor_dotenvs_
     assert not modules & DOTENV_LOADING_API
     assert not modules & SUPERVISOR
     assert not modules & {"socket", "ctypes", "subprocess", "json", "istio_vm.iptables.dot", "shutil"}
+    # The records of the config and iptables wings are NamedTuples: dataclasses (with inspect, ast, dis) and
+    # the code generation of each frozen dataclass were ~14 ms of every command (docs/benchmarks.md).
+    assert not modules & {"dataclasses", "inspect"}
 
 
 def test_a_derived_address_still_reads_the_interfaces(tmp_path: Path) -> None:
@@ -90,5 +93,6 @@ def test_the_start_spawns_the_proxy_before_importing_the_iptables_wing_or_the_lo
                           "istio_vm.service.privileges, istio_vm.service.processes, istio_vm.service.proxy_command")
     assert not before_spawn & {"istio_vm.iptables.apply", "istio_vm.iptables.commands", "istio_vm.service.loop",
                                "istio_vm.service.machine", *SUPERVISOR - {"istio_vm.service.processes"}}
+    assert not before_spawn & {"dataclasses", "inspect"}
     loop = loaded("pass", "import istio_vm.service.loop")
     assert not loop & {"istio_vm.iptables.apply", "istio_vm.service.capture_helper", "subprocess"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -94,7 +93,7 @@ def equivalent_full_capture(vector: dict[str, Any]) -> Capture | None:
     cfg, args = capture_of(vector), vector["call_args"] or {}
     if "ipv4RangesInclude" in args:
         include = args["ipv4RangesInclude"]
-        return replace(cfg, outbound_ip_ranges_include="*" if include["IsWildcard"] else ",".join(include["IPNets"]))
+        return cfg._replace(outbound_ip_ranges_include="*" if include["IsWildcard"] else ",".join(include["IPNets"]))
     if "ipv6RangesInclude" in args:
         # Only the empty case is reachable through the CLI: the others feed 10.0.0.0/8 to the IPv6 generator.
         empty = not any(args[k]["IsWildcard"] or args[k]["IPNets"] for k in ("ipv6RangesExclude", "ipv6RangesInclude"))
