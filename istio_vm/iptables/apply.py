@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import ip_batch, state
@@ -29,16 +29,14 @@ RESTORE_TIMEOUT = WAIT_SECONDS + 30.0
 IP_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class FamilyReport:
+class FamilyReport(NamedTuple):
     family: int
     removed: tuple[str, ...]  # "table: -D/-F/-X ..." lines for the Istio state found
     added: tuple[str, ...]  # "table: ..." plan lines
     restore_input: str  # what was (or, in a dry run, would be) fed to iptables-restore; "" = not run
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
+class Report(NamedTuple):
     """What install or clean did: backend, per-family changes, ip commands, processes spawned."""
 
     backend: str
@@ -63,12 +61,12 @@ class Report:
         return "; ".join(parts)
 
 
-@dataclass
 class _Progress:
     """What has been written so far, so a rollback undoes exactly that."""
 
-    written: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)  # (family, tables)
-    ip_done: list[IpCommand] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.written: list[tuple[int, tuple[str, ...]]] = []  # (family, tables)
+        self.ip_done: list[IpCommand] = []
 
 
 class _Failed(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables.found import find, has_rules
@@ -46,8 +46,7 @@ def legacy_tables(family: int, proc_net: str = PROC_NET) -> list[str]:
         return []
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(NamedTuple):
     backend: str
     reason: str
 
@@ -69,8 +68,7 @@ def decide(nft_saves: Mapping[int, str], legacy_saves: Mapping[int, str]) -> Cho
     return Choice("nft", "no legacy table in this network namespace")
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     backend: str
     reason: str
     saves: dict[int, str]  # family -> iptables-save output; a skipped family (see take) is absent

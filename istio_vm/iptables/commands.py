@@ -10,8 +10,7 @@ whoever wrote them). The first three honour ISTIO_CUSTOM_IP_TABLES; install and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from istio_vm.config import render
 from istio_vm.config.checks import go_bool
@@ -78,13 +77,12 @@ def lift(config: Config) -> apply.Report | None:
     return report
 
 
-@dataclass(frozen=True, slots=True)
-class CleanSettings:
+class CleanSettings(NamedTuple):
     custom: bool
     backend: str | None
     run_dir: str
     dry_run: bool
-    owners: Owners = field(default_factory=Owners)
+    owners: Owners = Owners()
 
     @classmethod
     def from_shell(cls, shell: Shell) -> CleanSettings:

@@ -8,7 +8,7 @@ built-in chains (DNS, CONNMARK, kubevirt), recognised by shape in their canonica
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.iptables.names import AGENT_DNS_PORT, BUILTIN_CHAINS, DNS_PORT, PREFIX, TABLES
 from istio_vm.iptables.saved import SavedRule, SavedTable, parse_save
@@ -37,8 +37,7 @@ def _number(text: str) -> int | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Owners:
+class Owners(NamedTuple):
     """The values that make a rule of one of 1.9's built-in-chain shapes Istio's: the proxy's uids
     and gids (DNS exemptions), the TPROXY marks (CONNMARK) and the kubevirt interfaces, from this
     configuration and from the state file of the last install. A rule of the same shape with other
@@ -105,8 +104,7 @@ def ownership(rule: SavedRule, owners: Owners | None = None) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class FoundTable:
+class FoundTable(NamedTuple):
     """Istio's state in one table."""
 
     name: str
@@ -136,8 +134,7 @@ class FoundTable:
         return [f"-N {chain}" for chain in self.chains] + [r.line for r in self.owned + self.chain_rules]
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):
     tables: tuple[FoundTable, ...]  # nat then mangle, only those with something in them
 
     @property

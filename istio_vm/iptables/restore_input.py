@@ -8,15 +8,14 @@ one kernel transaction per table: traffic never sees a moment without rules, nor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.iptables.found import Found, Owners, find_in_table
 from istio_vm.iptables.names import BUILTIN_CHAINS, TABLES
 from istio_vm.iptables.saved import SavedTable, parse_save
 
 
-@dataclass(frozen=True, slots=True)
-class Input:
+class Input(NamedTuple):
     """A restore input and what it does, table by table."""
 
     text: str  # "" when there is nothing to do

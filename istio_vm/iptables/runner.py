@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
 TIMED_OUT = 124  # the returncode a timed-out command gets (as timeout(1) reports it)
 
 
-@dataclass(frozen=True, slots=True)
-class Completed:
+class Completed(NamedTuple):
     """What one command did."""
 
     argv: tuple[str, ...]
@@ -60,12 +58,12 @@ class SubprocessRunner:
         return Completed(args, done.returncode, done.stdout, done.stderr)
 
 
-@dataclass
 class CountingRunner:
     """Wraps a runner and keeps every call, so reports can say how many processes were spawned."""
 
-    inner: Runner
-    calls: list[Completed] = field(default_factory=list)
+    def __init__(self, inner: Runner) -> None:
+        self.inner = inner
+        self.calls: list[Completed] = []
 
     def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float) -> Completed:
         done = self.inner.run(argv, input=input, timeout=timeout)

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from istio_vm import trust
 from istio_vm.errors import ApplyError, UntrustedPathError
@@ -28,11 +28,10 @@ VERSION = 1
 MAX_STATE = 1 << 20  # bytes read at most: a real state file is a few hundred
 
 
-@dataclass(frozen=True, slots=True)
-class RunState:
+class RunState(NamedTuple):
     backend: str | None = None
     ip_commands: tuple[tuple[str, ...], ...] = ()
-    owners: Owners = field(default_factory=Owners)  # values of the 1.9-shaped built-in rules it wrote
+    owners: Owners = Owners()  # values of the 1.9-shaped built-in rules it wrote
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, "backend": self.backend,

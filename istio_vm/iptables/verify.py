@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import difflib
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import canonical_netns, state
@@ -22,8 +22,7 @@ from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
 
 
-@dataclass(frozen=True, slots=True)
-class FamilyVerdict:
+class FamilyVerdict(NamedTuple):
     family: int
     planned: tuple[str, ...]  # Istio-owned state of the plan, canonical, table by table
     live: tuple[str, ...]  # Istio-owned state found on the host, same form
@@ -51,8 +50,7 @@ def _counted_difference(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
+class VerifyResult(NamedTuple):
     backend: str
     families: tuple[FamilyVerdict, ...]
     processes: int

@@ -76,6 +76,7 @@ def test_istio_start_init_and_the_iptables_commands_load_no_supervisor() -> None
     modules = loaded("pass", "import istio_vm.cli, istio_vm.service.start, istio_vm.iptables.commands")
     assert not modules & SUPERVISOR
     assert not modules & DOTENV_LOADING_API
+    assert not modules & {"dataclasses", "inspect"}  # the iptables wing's records are NamedTuples too
 
 
 def test_the_supervisor_stack_defers_what_only_runs_after_the_spawn() -> None:
