@@ -8,6 +8,7 @@ on a fresh `Builder`.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from istio_vm.config.checks import go_cidr, split
@@ -59,8 +60,13 @@ def separate_v4_v6(text: str) -> tuple[NetworkRange, NetworkRange]:
             NetworkRange(False, tuple(nets[6]), loopback[6]))
 
 
+@lru_cache(maxsize=4)
 def build_plan(capture: Capture) -> Plan:
-    """run() of istio-iptables 1.9.4 (pkg/cmd/run.go:353-564), recording instead of executing."""
+    """run() of istio-iptables 1.9.4 (pkg/cmd/run.go:353-564), recording instead of executing.
+
+    Cached by `capture` (both are immutable): a start builds it once for the install, the capture
+    helper, the metrics file and the reload digest, a reload once more for its new configuration.
+    """
     b = Builder()
     cfg = capture
     ex4, ex6 = separate_v4_v6(cfg.outbound_ip_ranges_exclude)
