@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from istio_vm import __version__
 from istio_vm.defaults import DEFAULT_RESOLV_CONF, FORMATS
@@ -74,7 +74,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole command line; given `argv`, only the parsers of the command it names (each parser costs ~0.2
+    ms to build, most of it gettext looking for translations argparse does not have). `--help`, an
+    unknown command or any option _command_path does not know gets every parser: help and errors are the same
+    either way (tests/unit/test_cli_parser.py compares them)."""
+    path = _command_path(argv)
     parser = _Parser(
         prog="istio-vm",
         description="Run an Istio sidecar on a VM: configuration, iptables capture, proxy supervision.",
@@ -87,7 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
                              "/var/lib/istio/envoy/cluster.env)")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add in _COMMAND_PARSERS.items():
+        if not path or path[0] == name:
+            add(commands, path[1:])
+    return parser
 
+
+_VALUE_OPTIONS = ("--sidecar-env", "--cluster-env")  # the global options that take the next word
+
+
+def _command_path(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command words of argv, e.g. ("iptables", "plan"); () when unsure (every parser is built then)."""
+    words: list[str] = []
+    i = 0
+    while i < len(argv) and len(words) < (2 if words[:1] == ["iptables"] else 1):
+        token = argv[i]
+        if token in _VALUE_OPTIONS:
+            i += 2
+        elif token == "--traceback" or token.startswith(tuple(f"{o}=" for o in _VALUE_OPTIONS)):
+            i += 1
+        elif token.startswith("-"):
+            return ()  # -h, --version, an abbreviation argparse would expand, a mistake: the full parser
+        else:
+            words.append(token)
+            i += 1
+    if not words or words[0] not in _COMMAND_PARSERS:
+        return ()
+    if words[0] == "iptables" and words[1:] and words[1] not in _IPTABLES_PARSERS:
+        return ("iptables",)
+    return tuple(words)
+
+
+def _config_parser(commands: argparse._SubParsersAction[_Parser], path: tuple[str, ...]) -> None:
     config = commands.add_parser("config", help="print the effective configuration",
                                  description="Print the effective configuration: istio-iptables 1.9's "
                                  "'Environment:' and 'Variables:' dumps, then the supervisor settings.")
@@ -100,10 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print nothing; exit 0 when the configuration is valid (warnings on stderr), 78 "
                              "with one line per problem when not (run it before systemctl reload or restart)")
 
+
+def _iptables_parser(commands: argparse._SubParsersAction[_Parser], path: tuple[str, ...]) -> None:
     iptables = commands.add_parser("iptables", help="the iptables capture rules",
                                    description="The iptables rules of Istio 1.9.4's istio-iptables for this "
                                    "configuration.")
     actions = iptables.add_subparsers(dest="iptables_command", metavar="ACTION", required=True)
+    for name, add in _IPTABLES_PARSERS.items():
+        if not path or path[0] == name:
+            add(actions)
+
+
+def _plan_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     plan = actions.add_parser("plan", help="print the rules without touching the host",
                               description="Print the rules istio-iptables 1.9.4 would install, and the ip "
                               "commands it would run; nothing on the host is changed.")
@@ -111,15 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=FORMATS, default="restore",
                       help="restore: the iptables-restore inputs (IPv4, then IPv6); commands: 1.9's "
                            "command lines; json; dot: a Graphviz graph (default: %(default)s)")
+
+
+def _explain_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     explain_parser = actions.add_parser("explain", help="print the rules, each explained",
                                         description="Print the rules with what each does to a packet and "
                                         "which setting produced it.")
     _add_resolv_conf(explain_parser)
+
+
+def _install_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     install = actions.add_parser("install", help="clean, then install the rules (istio-start.sh init)",
                                  description="Remove the Istio rules found on the host and install this "
                                  "configuration's, atomically per family; on any failure both families are "
                                  "restored as they were.")
     _add_resolv_conf(install)
+
+
+def _clean_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     clean = actions.add_parser("clean", help="remove the Istio rules found on the host",
                                description="Remove every Istio rule and chain found on the host (IPv4 and IPv6, "
                                "nat and mangle) and the ip rule/route recorded by install; works even when the "
@@ -128,19 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the rules when systemd is about to start UNIT again (a crash with Restart=, "
                             "systemctl restart) or an `istio-vm start` runs: the units' ExecStopPost= and "
                             "OnFailure= (fail-closed capture)")
+
+
+def _verify_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     verify_parser = actions.add_parser("verify", help="compare the live rules with this configuration's",
                                        description="Exit 0 when the Istio rules on the host are exactly "
                                        "this configuration's, 1 with a diff when they drift.")
     _add_resolv_conf(verify_parser)
     verify_parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    _add_trace_parser(actions)
 
+
+def _start_parser(commands: argparse._SubParsersAction[_Parser], path: tuple[str, ...]) -> None:
     commands.add_parser(
         "start", help="what istio-start.sh did: iptables, then run and supervise the proxy",
         usage="istio-vm [--sidecar-env PATH] [--cluster-env PATH] start [init|-p|run|clean] [FLAGS...]",
         description="Without arguments: clean and install the iptables rules, drop privileges to EXEC_USER and "
         "supervise the proxy. `init` or `-p` [istio-iptables FLAGS]: only the iptables, then exit. `run`: "
         "no iptables. `clean`: only remove the iptables rules. The same as the `istio-start` command.")
+
+
+def _reload_parser(commands: argparse._SubParsersAction[_Parser], path: tuple[str, ...]) -> None:
     reload_parser = commands.add_parser(
         "reload", help="re-read and validate the files, then apply them to the running start (or change nothing)",
         description="What `systemctl reload` runs, as root: read and validate the env files (invalid: exit 78, "
@@ -149,10 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "restarts pilot-agent only when its arguments or environment changed.")
     reload_parser.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
                                help="how long to wait for the proxy (default: %(default)s)")
-    return parser
 
 
-def _add_trace_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
+def _trace_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
     trace = actions.add_parser(
         "trace", help="would this connection be captured, by which rule, and why",
         usage="istio-vm ... iptables trace [--live] [--json] (inbound|outbound) (tcp|udp) DST [--src ADDR[:PORT]] "
@@ -173,6 +232,14 @@ def _add_trace_parser(actions: argparse._SubParsersAction[_Parser]) -> None:
 def _add_resolv_conf(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolv-conf", metavar="PATH", default=DEFAULT_RESOLV_CONF,
                         help="where DNS capture finds the nameservers (default: %(default)s)")
+
+
+# The parsers in the order `--help` lists them.
+_COMMAND_PARSERS: dict[str, Callable[[argparse._SubParsersAction[_Parser], tuple[str, ...]], None]] = {
+    "config": _config_parser, "iptables": _iptables_parser, "start": _start_parser, "reload": _reload_parser}
+_IPTABLES_PARSERS: dict[str, Callable[[argparse._SubParsersAction[_Parser]], None]] = {
+    "plan": _plan_parser, "explain": _explain_parser, "install": _install_parser, "clean": _clean_parser,
+    "verify": _verify_parser, "trace": _trace_parser}
 
 
 def sources(args: argparse.Namespace) -> Sources:
@@ -407,7 +474,7 @@ def istio_start() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv, start_args = _split_start(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     args.start_args = start_args or []
     from istio_vm import logs
     from istio_vm.errors import ConfigError, ExitStatus, IstioVmError, capped
