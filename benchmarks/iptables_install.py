@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from benchmarks.compiled import compile_package
 from istio_vm.iptables import apply
 from istio_vm.iptables.rules import Plan
 from testbed.netns import Netns
@@ -119,6 +120,7 @@ def spawns(argv: list[str], workdir: Path, restart: bool) -> int:
 
 
 def main() -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", action="store_true")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compiled import compile_package
 from istio_vm.config.load import load
 from istio_vm.config.sources import Sources
 from istio_vm.iptables import apply, verify
@@ -178,6 +179,7 @@ def measure(series: str, n: int, runs: int, workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="1,100,1000,5000")

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compiled import compile_package
 from benchmarks.supervisor import Notifications, machine, summary_ms
 from testbed.envoy import base_id, envoy_binary, remove_shm
 from testbed.netns import Netns
@@ -277,6 +278,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true")

@@ -50,6 +50,7 @@ from typing import Any, Self
 
 import psutil
 
+from benchmarks.compiled import compile_package
 from istio_vm.service import proxy_admin
 from testbed.app import App
 from testbed.envoy import base_id, envoy_binary, envoys_with_base_id, remove_shm
@@ -565,6 +566,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--restarts", type=int, default=40)
