@@ -11,6 +11,7 @@ Three wings, each mapped in its own __init__.py:
 Pure side (touches nothing on the host; tests/unit/test_boundaries.py checks it, imports included):
     errors         exit statuses, Problem, and the errors the CLI maps to them
     defaults       the command line's defaults and choices, importing nothing (a fast --help)
+    loggers        the package's loggers: logging is imported at the first record, and logs' handler installed
 Edge side:
     cli            argv -> one command -> exit status
     logs           where istio-vm's own log records go (journal or stderr)

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 
 
 def _log() -> logging.Logger:
-    import logging
+    from istio_vm import loggers
 
-    return logging.getLogger("istio_vm")
+    return loggers.logger("istio_vm")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -273,9 +273,9 @@ def cmd_config(args: argparse.Namespace) -> ExitStatus:
     from istio_vm.errors import ExitStatus
 
     if args.check:  # quiet: only warnings (e.g. a misspelt name) and errors, as `nginx -t -q`
-        import logging
+        from istio_vm import loggers, logs
 
-        logging.getLogger().setLevel(logging.WARNING)
+        logs.configure(logs.choose_target(None), level=loggers.WARNING)
         load_config(args, check_writes=True)
         return ExitStatus.OK
     config = load_config(args, check_writes=True)

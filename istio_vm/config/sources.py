@@ -7,19 +7,18 @@ hands their text to envfile.evaluate, which assigns what bash would have assigne
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.config.envfile import evaluate
 from istio_vm.config.model import Shell
 from istio_vm.defaults import DEFAULT_CLUSTER_ENV, DEFAULT_RESOLV_CONF, DEFAULT_SIDECAR_ENV
 from istio_vm.errors import Problem
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 MAX_FILE_BYTES = 384 * 1024  # an env file or resolv.conf: real ones are a few kilobytes (and python-dotenv
 # needs about 170 bytes of memory per character of a quoted value: this keeps a CLI run under 100 MB)

@@ -9,10 +9,10 @@ are undone. `clean_host` is the same with an empty plan, family by family and wi
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from istio_vm import loggers
 from istio_vm.errors import ApplyError
 from istio_vm.iptables import ip_batch, state
 from istio_vm.iptables.backend import PROC_NET, Snapshot, binary, other_saves, save, take
@@ -22,7 +22,7 @@ from istio_vm.iptables.restore_input import Input, compose, undo_text
 from istio_vm.iptables.rules import Plan
 from istio_vm.iptables.runner import CountingRunner, Runner, SubprocessRunner
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 WAIT_SECONDS = 30  # --wait=N: how long a legacy restore waits for the xtables lock (nft ignores it)
 RESTORE_TIMEOUT = WAIT_SECONDS + 30.0

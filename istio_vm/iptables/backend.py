@@ -9,17 +9,17 @@ namespace; only then is `iptables-legacy-save` run. Legacy wins only when it has
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
+from istio_vm import loggers
 from istio_vm.errors import ApplyError
 from istio_vm.iptables.found import find, has_rules
 from istio_vm.iptables.names import FAMILIES
 from istio_vm.iptables.runner import Completed, Runner
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 BACKENDS = ("nft", "legacy")
 SAVE_TIMEOUT = 30.0

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.errors import UntrustedPathError
 from istio_vm.iptables.parts import Part
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 CAPTURE_FILE = "capture.json"
 MAX_CAPTURE = 4096  # bytes read at most: a real one is about 50
 

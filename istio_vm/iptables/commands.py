@@ -9,9 +9,9 @@ whoever wrote them). The first three honour ISTIO_CUSTOM_IP_TABLES; install and 
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, NamedTuple
 
+from istio_vm import loggers
 from istio_vm.config import render
 from istio_vm.config.checks import go_bool
 from istio_vm.config.model import Config, Shell
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from istio_vm.iptables.trace import Tracer
     from istio_vm.iptables.verify import VerifyResult
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 CUSTOM = "ISTIO_CUSTOM_IP_TABLES=true: iptables are left alone"
 
 

@@ -7,12 +7,13 @@ subprocess (never a shell) and turns a timeout into a failed `Completed`, never 
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-log = logging.getLogger(__name__)
+from istio_vm import loggers
+
+log = loggers.logger(__name__)
 
 TIMED_OUT = 124  # the returncode a timed-out command gets (as timeout(1) reports it)
 

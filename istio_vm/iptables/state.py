@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.errors import ApplyError, UntrustedPathError
 from istio_vm.iptables.found import Owners
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 STATE_FILE = "iptables-state.json"
 IPTABLES_LOCK = "iptables.lock"  # not the run lock of `istio-vm start` (service/start.py)

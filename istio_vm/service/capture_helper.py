@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import signal
 import socket
 from dataclasses import dataclass
 
+from istio_vm import loggers
 from istio_vm.errors import ApplyError
 from istio_vm.iptables.apply import install_plan
 from istio_vm.iptables.capture_state import write_expected
@@ -24,7 +24,7 @@ from istio_vm.iptables.found import Owners
 from istio_vm.iptables.parts import ALL_PARTS, Part, plan_with
 from istio_vm.iptables.rules import Plan
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 KEEP = (CAP_NET_ADMIN, CAP_NET_RAW)  # iptables-restore/-save (netlink, and libiptc's raw socket for legacy)

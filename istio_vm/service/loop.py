@@ -9,7 +9,6 @@ to do is the machine's answer.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import selectors
 import signal
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from istio_vm import loggers
 from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
 from istio_vm.service.machine import (
     Action,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # capture_helper loads the apply engine: only a policy that f
     from istio_vm.service.metrics_file import MetricsWriter
     from istio_vm.service.reload import ReloadChannel
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 MAX_LINE = 65536  # a longer line is relayed in pieces rather than buffered without bound
 
 # What each signal asks of the machine: its event, and the ISTIO_EVENT of the "Received" entry.

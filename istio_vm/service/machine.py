@@ -9,7 +9,6 @@ monotonic clock, so every deadline is testable without sleeping.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import signal
 import time
@@ -17,11 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from istio_vm import loggers
 from istio_vm.config.model import Supervision
 from istio_vm.errors import ExitStatus
 from istio_vm.iptables.parts import ALL_PARTS, Part, describe_parts
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 
 class State(enum.StrEnum):
@@ -248,7 +248,7 @@ class Supervisor:
             self._replacing, self._down_since, self._deadline = None, self.clock(), None
             return [KillTree(pid), *self._spawn(restart_epoch=0)]
         if record is not self.current:
-            level = logging.INFO if exited_cleanly(status) else logging.WARNING
+            level = loggers.INFO if exited_cleanly(status) else loggers.WARNING
             log.log(level, "Epoch %s (previous) exited: %s", record.number, reason, extra=extra)
             return [*self._lift_if_none_ready(f"epoch {record.number} exited"), self._status()]
         log.error("Epoch %s exited: %s", record.number, reason, extra=extra)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import tempfile
@@ -18,12 +17,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.errors import UntrustedPathError
 from istio_vm.iptables.parts import Part
 from istio_vm.service.metrics import MetricsSnapshot, VerifyOutcome, render_metrics
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 VERIFY_RESULT = "verify-result.json"  # run dir (root's, 0644): the last verify, for the supervisor to read
 

@@ -9,13 +9,14 @@ does nothing. `watchdog_interval` reads WatchdogSec= from the environment system
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 
-log = logging.getLogger(__name__)
+from istio_vm import loggers
+
+log = loggers.logger(__name__)
 MAX_PENDING = 8  # messages kept while the socket is full; older ones are dropped (STATUS/WATCHDOG first)
 
 

@@ -8,15 +8,15 @@ privileges in-process after the root-only work (iptables), and its children inhe
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import Callable
 from typing import NamedTuple
 
+from istio_vm import loggers
 from istio_vm.config.host import User
 from istio_vm.errors import PrivilegeError
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 PR_SET_NO_NEW_PRIVS = 38
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.errors import UntrustedPathError
 from istio_vm.service.privileges import PR_SET_NO_NEW_PRIVS
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

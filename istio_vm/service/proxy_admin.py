@@ -8,15 +8,15 @@ neither): a hung admin port must not hang the supervisor.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
 
+from istio_vm import loggers
 from istio_vm.service.proxy_command import ProxyCommand
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 REQUEST_TIMEOUT = 1.0
 AGENT_READINESS_PORT = 15021  # pilot-agent's /healthz/ready (served by its Envoy)

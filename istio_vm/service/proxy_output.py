@@ -8,17 +8,16 @@ dropped and counted, as 1.9's shell redirect lost it: the relay never stops the 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.errors import UntrustedPathError
 from istio_vm.journal import JournalSocket, journal_socket
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 
 class ProxyOutput:

@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import fcntl
 import json
-import logging
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from istio_vm import trust
+from istio_vm import loggers, trust
 from istio_vm.config.model import Config
 from istio_vm.config.settings import BY_NAME
 from istio_vm.errors import ConfigError, ExitStatus, IstioVmError, LockedError, Problem, UntrustedPathError
@@ -29,7 +28,7 @@ from istio_vm.service import privileges
 from istio_vm.service.machine import Policy
 from istio_vm.service.proxy_command import ProxyCommand, proxy_command
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 RUNNING = "running.json"  # run dir (root's): what `start` runs with, written before the privilege drop
 REQUEST = "reload-request.json"  # run dir (root's): the new settings of one reload

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import resource
 import signal
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from istio_vm import __version__, trust
+from istio_vm import __version__, loggers, trust
 from istio_vm.config.model import Config
 from istio_vm.errors import ExitStatus, LockedError
 from istio_vm.iptables.parts import ALL_PARTS, CapturePolicy, Part
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from istio_vm.service.processes import Child
     from istio_vm.service.proxy_output import ProxyOutput
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 RUN_LOCK = "lock"  # not the iptables lock (iptables/state.py), which only one install or clean holds
 
 

@@ -9,14 +9,14 @@ queued jobs (`systemctl`). When the restart then never comes (start limit hit), 
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from istio_vm import loggers
 from istio_vm.errors import LockedError
 
-log = logging.getLogger(__name__)
+log = loggers.logger(__name__)
 
 COMING_BACK_JOBS = ("restart", "start", "try-restart", "reload-or-start")  # list-jobs' TYPE column
 CLEAN_SIGNALS = ("HUP", "INT", "TERM", "PIPE")  # systemd.service(5): a clean exit, like status 0

@@ -64,6 +64,26 @@ def test_iptables_plan_loads_neither_the_supervisor_nor_the_network_nor_dotenvs_
     # The records of the config and iptables wings are NamedTuples: dataclasses (with inspect, ast, dis) and
     # the code generation of each frozen dataclass were ~14 ms of every command (docs/benchmarks.md).
     assert not modules & {"dataclasses", "inspect"}
+    assert "logging" not in modules  # nothing was logged (istio_vm/loggers.py)
+
+
+def test_config_loads_no_logging_when_it_has_nothing_to_say(tmp_path: Path) -> None:
+    argv = env_files(tmp_path, "ISTIO_SVC_IP=10.0.0.5\nENABLE_INBOUND_IPV6=false\nPOD_NAME=vm-1\n")
+    env = {**os.environ, "PROXY_UID": str(os.geteuid())}
+    for command in (["config"], ["config", "--check"], ["config", "--json"]):
+        modules = loaded(f"main({[*argv, *command]!r})", "from istio_vm.cli import main", env)
+        assert "istio_vm.config.render" in modules or command == ["config", "--check"]
+        assert not modules & {"logging", "socket", "ctypes", "subprocess"}, command
+
+
+def test_no_module_imports_logging_at_its_top_level() -> None:
+    # Modules log through istio_vm/loggers.py, which imports logging at the first record: a module-level
+    # `import logging` would load it for every command that imports the module.
+    for path in sorted((ROOT / "istio_vm").rglob("*.py")):
+        top_level = ast.parse(path.read_text()).body
+        imported = {alias.name for node in top_level if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in top_level if isinstance(node, ast.ImportFrom) and node.module}
+        assert "logging" not in imported, path
 
 
 def test_a_derived_address_still_reads_the_interfaces(tmp_path: Path) -> None:
