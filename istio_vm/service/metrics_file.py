@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -89,7 +88,7 @@ class MetricsWriter:
 def write_atomically(path: str, text: str) -> None:
     """`text` at `path`, replacing it in one rename(2); a temporary name the collector skips (not *.prom)."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".istio-vm-metrics.", suffix=".tmp")
+    fd, tmp = trust.create_temporary(directory, ".istio-vm-metrics.", ".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o644)  # node_exporter runs as another user

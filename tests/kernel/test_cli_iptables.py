@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pwd
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -76,6 +78,26 @@ def test_install_verify_drift_clean(vm: Vm) -> None:
     assert "drifted" in err
     vm.istio_vm("iptables", "clean")
     assert vm.save() == before
+
+
+def test_install_and_clean_load_no_temporary_file_module_nor_socket(vm: Vm) -> None:
+    # tempfile (with shutil, bz2, lzma, random) and socket cost ~5 ms of each command: the state file's
+    # temporary is trust.create_temporary's, the interfaces' addresses are printed by libc's inet_ntop.
+    # (verify's scratch namespace reads its rules from a tempfile.TemporaryDirectory.)
+    vm.write(reference_env())
+    files = ["--sidecar-env", "/nonexistent", "--cluster-env", str(vm.cluster_env)]
+    resolv = ["--resolv-conf", str(REFERENCE / "resolv.conf")]
+    for command, unused in ((["install", *resolv], {"tempfile", "shutil", "random", "socket"}),
+                            (["verify", *resolv], {"socket"}), (["clean"], {"tempfile", "shutil", "random", "socket"})):
+        probe = (f"import sys; from istio_vm.cli import main; status = main({[*files, 'iptables', *command]!r}); "
+                 "print(sorted(sys.modules)); sys.exit(status)")
+        done = subprocess.run([*vm.ns.exec_prefix(), sys.executable, "-c", probe], env=vm.env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        modules = set(ast.literal_eval(done.stdout.splitlines()[-1]))
+        # The reference cluster.env's ISTIO_SVC_IP is derived from the interfaces (clean reads no config).
+        assert ("ctypes" in modules) == (command[0] != "clean")
+        assert not modules & unused, command
 
 
 def test_clean_works_with_a_broken_env_file_and_is_idempotent(vm: Vm) -> None:

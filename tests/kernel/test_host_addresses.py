@@ -36,7 +36,9 @@ def netns() -> Iterator[str]:
      "addr add fe80::5/64 dev d1 nodad"],
     ["link add d1 type veth peer name d1p", "link set d1 up", "addr add 10.9.0.1/24 dev lo",  # on loopback: skipped
      "addr add 10.7.0.1/24 dev d1", "addr add 10.7.0.2/24 dev d1"],
-], ids=["none", "v4-then-v6", "down-interface", "v6-only", "loopback-address"])
+    ["link add d1 type veth peer name d1p", "link set d1 up", "addr add ::ffff:10.8.0.1/128 dev d1 nodad"],
+    ["link add d1 type veth peer name d1p", "link set d1 up", "addr add ::10.8.0.1/128 dev d1 nodad"],
+], ids=["none", "v4-then-v6", "down-interface", "v6-only", "loopback-address", "v4-mapped", "v4-compatible"])
 def test_first_ip_matches_hostname_in_a_namespace(netns: str, commands: list[str]) -> None:
     prefix = ["ip", "netns", "exec", netns]
     subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
