@@ -9,9 +9,12 @@ the capture helper switch parts by installing `plan_with(...)` with the apply en
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from istio_vm.iptables.names import AGENT_DNS_PORT, ISTIO_INBOUND, ISTIO_REDIRECT
-from istio_vm.iptables.rules import Plan, Rule
+
+if TYPE_CHECKING:  # `istio-vm start` imports this module before the proxy's spawn, the rules after it
+    from istio_vm.iptables.rules import Plan, Rule
 
 
 class Part(enum.StrEnum):

@@ -116,5 +116,6 @@ def test_the_start_spawns_the_proxy_before_importing_the_iptables_wing_or_the_lo
     assert not before_spawn & {"istio_vm.iptables.apply", "istio_vm.iptables.commands", "istio_vm.service.loop",
                                "istio_vm.service.machine", *SUPERVISOR - {"istio_vm.service.processes"}}
     assert not before_spawn & {"dataclasses", "inspect"}
+    assert not before_spawn & {"istio_vm.iptables.rules", "istio_vm.iptables.saved", "tempfile", "socket"}
     loop = loaded("pass", "import istio_vm.service.loop")
     assert not loop & {"istio_vm.iptables.apply", "istio_vm.service.capture_helper", "subprocess"}
