@@ -123,19 +123,29 @@ def open_checked(path: str, flags: int, mode: int = 0o644, *, owners: tuple[int,
 
 
 def write_atomic(directory: str, name: str, text: str, mode: int = 0o644) -> None:
-    """Replace directory/name with `text` atomically: a temporary file in the same checked directory,
-    fsync, rename. `create_temporary` gives an unpredictable name created with O_EXCL, so a link planted
-    at any name is never followed, and the rename replaces a link at `name` rather than writing through it.
-    """
+    """Replace directory/name with `text` atomically, in root's checked directory (check_root_dir), synced
+    to disk before the rename (replace_file)."""
     check_root_dir(directory)
-    fd, tmp = create_temporary(directory, f".{name}.")
+    replace_file(os.path.join(directory, name), text, mode, sync=True)
+
+
+def replace_file(path: str, text: str, mode: int = 0o644, *, sync: bool = False) -> None:
+    """`text` at `path` in one rename(2): a reader sees the old file or the new one, whole. The temporary
+    beside it (`.NAME.XXXXXXXXXXXX.tmp`, which a `*.prom` collector skips) comes from `create_temporary`,
+    an unpredictable name made with O_EXCL, so a link planted at any name is never followed, and the rename
+    replaces a link at `path` rather than writing through it. The directory is not checked: write_atomic is
+    the one for root's files; this one also serves the proxy user's directories (metrics, reload answers).
+    """
+    directory, name = os.path.split(path)
+    fd, tmp = create_temporary(directory or ".", f".{name}.", ".tmp")
     try:
         with open(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

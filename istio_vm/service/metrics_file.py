@@ -72,7 +72,7 @@ class MetricsWriter:
 
     def _write(self, text: str) -> None:
         try:
-            write_atomically(self.path, text)
+            trust.replace_file(self.path, text, 0o644)  # 0644: node_exporter runs as another user
         except OSError as e:  # metrics must never take the supervisor down (a full disk, a removed dir)
             message = f"{self.path}: {e.strerror or e}"
             if message != self._failed:
@@ -83,21 +83,6 @@ class MetricsWriter:
         if self._failed is not None:
             log.info("Metrics file written again: %s", self.path, extra={"ISTIO_EVENT": "metrics"})
         self._text, self._failed = text, None
-
-
-def write_atomically(path: str, text: str) -> None:
-    """`text` at `path`, replacing it in one rename(2); a temporary name the collector skips (not *.prom)."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = trust.create_temporary(directory, ".istio-vm-metrics.", ".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)  # node_exporter runs as another user
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---- the last verify ---------------------------------------------------------------------------------------

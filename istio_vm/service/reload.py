@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import os
@@ -155,8 +154,8 @@ class ReloadChannel:
 
     def report(self, request: str, ok: bool, message: str) -> None:
         try:
-            _write_atomically(os.path.join(self.run_dir, OWN_DIR, RESULT),
-                   json.dumps({"id": request, "ok": ok, "message": message}) + "\n", 0o644)
+            trust.replace_file(os.path.join(self.run_dir, OWN_DIR, RESULT),
+                               json.dumps({"id": request, "ok": ok, "message": message}) + "\n", 0o644)
         except OSError as e:  # the reload then times out, saying so; the supervisor carries on
             log.error("Cannot write the reload result: %s", e, extra={"ISTIO_EVENT": "reload"})
 
@@ -268,21 +267,3 @@ def _wait(path: str, request: str, timeout: float) -> dict[str, object] | None:
             return answer
         time.sleep(WAIT_INTERVAL)
     return None
-
-
-def _write_atomically(path: str, text: str, mode: int) -> None:
-    """The supervisor's answer, in its own directory (not root's, so not trust.write_atomic): a temporary
-    file beside it, then rename (a reader sees the old text or the new, whole)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError as e:
-        os.unlink(tmp)
-        raise OSError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None

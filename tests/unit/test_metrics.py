@@ -10,7 +10,8 @@ import pytest
 
 from istio_vm.iptables.parts import ALL_PARTS, Part
 from istio_vm.service.metrics import MetricsSnapshot, VerifyOutcome, render_metrics
-from istio_vm.service.metrics_file import MetricsWriter, read_verify, write_atomically
+from istio_vm.service.metrics_file import MetricsWriter, read_verify
+from istio_vm.trust import replace_file
 from tests.metrics_text import parse_metrics
 
 RUNNING = MetricsSnapshot(version="0.1.0", started=1764633600.5, state="running", ready=True, epoch=2,
@@ -84,10 +85,10 @@ def test_written_atomically_with_a_name_the_collector_skips_and_readable_by_othe
         assert Path(src).read_text() == "b 1\n"
         real_replace(src, dst)
 
-    write_atomically(str(path), "a 1\n")
+    replace_file(str(path), "a 1\n")
     os.replace, saved = replace, os.replace  # type: ignore[assignment]
     try:
-        write_atomically(str(path), "b 1\n")
+        replace_file(str(path), "b 1\n")
     finally:
         os.replace = saved
     assert path.read_text() == "b 1\n"
