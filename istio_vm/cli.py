@@ -93,16 +93,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, add in _COMMAND_PARSERS.items():
-        if not path or path[0] == name:
+        if path == _TOP_HELP:
+            add(commands, _TOP_HELP)  # each command's line of `istio-vm --help`: its own options are never read
+        elif not path or path[0] == name:
             add(commands, path[1:])
     return parser
 
 
 _VALUE_OPTIONS = ("--sidecar-env", "--cluster-env")  # the global options that take the next word
+_TOP_HELP = ("--help",)  # `istio-vm --help`: argparse prints it at once, whatever follows
 
 
 def _command_path(argv: Sequence[str]) -> tuple[str, ...]:
-    """The command words of argv, e.g. ("iptables", "plan"); () when unsure (every parser is built then)."""
+    """The command words of argv, e.g. ("iptables", "plan"); _TOP_HELP for `istio-vm --help`; () when
+    unsure (every parser is built then)."""
     words: list[str] = []
     i = 0
     while i < len(argv) and len(words) < (2 if words[:1] == ["iptables"] else 1):
@@ -111,8 +115,10 @@ def _command_path(argv: Sequence[str]) -> tuple[str, ...]:
             i += 2
         elif token == "--traceback" or token.startswith(tuple(f"{o}=" for o in _VALUE_OPTIONS)):
             i += 1
+        elif token in ("-h", "--help") and not words:
+            return _TOP_HELP
         elif token.startswith("-"):
-            return ()  # -h, --version, an abbreviation argparse would expand, a mistake: the full parser
+            return ()  # --version, an abbreviation argparse would expand, a mistake: the full parser
         else:
             words.append(token)
             i += 1
@@ -142,6 +148,8 @@ def _iptables_parser(commands: argparse._SubParsersAction[_Parser], path: tuple[
                                    description="The iptables rules of Istio 1.9.4's istio-iptables for this "
                                    "configuration.")
     actions = iptables.add_subparsers(dest="iptables_command", metavar="ACTION", required=True)
+    if path == _TOP_HELP:
+        return  # the six actions' parsers are a third of the whole; `istio-vm --help` shows none of them
     for name, add in _IPTABLES_PARSERS.items():
         if not path or path[0] == name:
             add(actions)

@@ -11,7 +11,9 @@ import pytest
 from istio_vm import cli
 
 ARGVS = [
-    [], ["--help"], ["-h"], ["--version"], ["bogus"], ["--traceback"], ["--sidecar"],
+    [], ["--help"], ["-h"], ["-h", "iptables", "plan"], ["--traceback", "--help", "config"],
+    ["--sidecar-env", "--help"], ["--sidecar-env", "/a", "-h"], ["--version"], ["bogus"], ["--traceback"],
+    ["--sidecar"],
     ["config"], ["config", "--help"], ["config", "--json", "--show-source"], ["config", "--bogus"],
     ["--sidecar-env", "/a", "--cluster-env=/b", "config", "--check"], ["--sidecar-env", "config", "config"],
     ["--sidecar", "/a", "config"], ["--cluster-env"], ["--traceback", "config", "extra"],
@@ -46,7 +48,9 @@ def test_the_parser_of_one_command_behaves_as_the_whole_one(argv: list[str], mon
     (["iptables", "plan"], ("iptables", "plan")), (["--sidecar-env", "/a", "config"], ("config",)),
     (["--cluster-env=/b", "--traceback", "iptables", "verify", "--json"], ("iptables", "verify")),
     (["iptables", "--help"], ()), (["iptables", "bogus"], ("iptables",)), (["iptables"], ("iptables",)),
-    (["start", "-p", "15001"], ("start",)), (["--sidecar", "/a", "config"], ()), (["bogus"], ()), (["-h"], ()),
+    (["start", "-p", "15001"], ("start",)), (["--sidecar", "/a", "config"], ()), (["bogus"], ()), (["-h"], ("--help",)),
+    (["--cluster-env", "/b", "--help", "iptables"], ("--help",)), (["config", "-h"], ("config",)),
+    (["--sidecar-env", "--help"], ()),
 ])
 def test_the_command_path_is_taken_only_where_it_is_certain(argv: list[str], path: tuple[str, ...]) -> None:
     assert cli._command_path(argv) == path
