@@ -66,9 +66,8 @@ class RealProcessOps:
         """Start a child; `record=False` leaves the RUN_DIR/children entry to a later `record()`."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        user = self._user if self._user is not None and os.geteuid() == 0 else None
         try:
-            pid = _fork_exec(argv, env, out_w, err_w, user)
+            pid = _fork_exec(argv, env, out_w, err_w, self._child_user())
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -82,13 +81,18 @@ class RealProcessOps:
             self.record(pid)
         return Child(pid, out_r, err_r)
 
+    def _child_user(self) -> tuple[int, int, tuple[int, ...]] | None:
+        """The (uid, gid, groups) a child switches to before its exec: only while we are root (after the
+        privilege drop it is already running as that user, like us)."""
+        return self._user if self._user is not None and os.geteuid() == 0 else None
+
     def record(self, pid: int) -> None:
         """RUN_DIR/children := the epochs' groups still alive, with their start times (pid reuse)."""
         if self._children is None:
             return
         import psutil  # here, not at the top: the start imports nothing it needs only after the first spawn
 
-        uid = self._user[0] if self._user is not None and os.geteuid() == 0 else os.getuid()
+        uid = user[0] if (user := self._child_user()) is not None else os.getuid()
         with contextlib.suppress(psutil.Error):
             self._recorded[pid] = (psutil.Process(pid).create_time(), uid)
         for old in [p for p, (started, _) in self._recorded.items() if not _alive(p, started)]:
